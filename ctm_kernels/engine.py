@@ -1,0 +1,500 @@
+"""The CtM fast path: everything from two Gram matrices, batched over same-shape layers.
+
+For one group of ``L`` layers with the same ``(m, n, T, rb)`` the adapters' factors are
+stacked (each adapter's rank padded with zeros to ``rb = max r_t``, ``R = T * rb``)::
+
+    Bh [L, m, R] = [s_1 B_1, ..., s_T B_T]      Ah [L, R, n] = [A_1; ...; A_T]
+
+and the only passes over the factors are ``ops.gram`` (``G_B = Bh^T Bh``, ``G_A = Ah Ah^T``)
+and ``ops.lift`` (the output factors). In between, everything is small (``R x R`` and less)
+and runs in float64:
+
+* whitening: ``G_B = Q diag(lam) Q^T``, ``Rb = diag(sqrt(lam)) Q^T`` (``R x R``), so that
+  ``Bh = Ob Rb`` with ``Ob`` orthonormal; likewise ``Ra`` for ``Ah^T``. Then
+  ``dW_t = Ob (Rb_t Ra_t^T) Oa^T`` and the Tucker-2 problem of DESIGN section 2 becomes the
+  same problem on the small cores ``Rb_t Ra_t^T``, with orthonormal ``U' = Ob^T U``.
+* HOSVD init and HOOI half-steps: ``Z = [Rb_t (c_t Ra_t^T V')]_t`` (``R x T r``), ``U'`` =
+  top-r eigenvectors of ``Z Z^T``. The principal-angle stopping test is the dense one
+  (``Ob`` is orthonormal).
+* Anderson acceleration (on by default) extrapolates the sweep map ``V' -> V'_next`` from
+  its last few iterates (aligned to one frame by orthogonal Procrustes). It changes the path,
+  never the fixed point: it stops on the plain HOOI step taken from the current point, with
+  the same ``tol``. ``accelerate=False`` follows the reference iteration step for step.
+* coordinates ``C_t = Phi^T G_B[:, t] G_A[t, :] Psi`` (``ops.project``), with
+  ``Phi = Q diag(lam^-1/2) U'`` so that ``U = Bh Phi``.
+* rule, then ``C = X S Y^T`` and the lift ``B = Bh (Phi X S^1/2)``,
+  ``A = (S^1/2 Y^T Psi^T) Ah``.
+
+No dense ``m x n`` update and no ``R x R x T`` tensor is ever built.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import backend
+from .ops import eig as eig_op
+from .ops import gram as gram_op
+from .ops import lift as lift_op
+from .ops import project as project_op
+from .reference import NULL_RTOL, canonical_signs, sin_angle, subspace_weights
+from .rules import apply_rule, resolve_params
+
+SOLVE_DTYPE = torch.float64
+# Gram eigenvalues below this share of the largest are dropped when whitening: they are
+# rounding noise of the Gram (fp64 Grams on CPU keep every real direction down to 1e-6 of
+# the largest singular value; fp32 Grams on GPU cannot resolve below ~1e-3 of it).
+WHITEN_RTOL = {torch.float64: 1e-13, torch.float32: 1e-7}
+ANDERSON_DEPTH = 6  # iterates kept; 4..8 gave the same counts on gaussian and structured sets
+
+
+@dataclass
+class LayerInfo:
+    """What the subspace search did for one layer."""
+    iterations: int
+    converged: bool
+    last_step: float                       # sine of the last HOOI step (the stopping measure)
+    energy_kept: list[float]               # per adapter: ||U^T dW_t V||^2 / ||dW_t||^2
+    norms: list[float]                     # per adapter: ||dW_t||_F
+    seconds: float = 0.0
+
+
+@dataclass
+class MergedLayer:
+    """One merged LoRA: ``B [m, rank] @ A [rank, n]`` is the merged update."""
+    A: torch.Tensor
+    B: torch.Tensor
+    info: LayerInfo
+    method: str = ""
+    params: dict = field(default_factory=dict)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """The dense merged update ``[m, n]`` (builds it: for checks on small layers)."""
+        return self.B @ self.A
+
+
+# ------------------------------------------------------------------------------------------
+# input checks
+
+
+def _where(layer) -> str:
+    return "" if layer is None else f"layer {layer}: "
+
+
+def _as_list(x, T, what, where):
+    if x is None:
+        return [1.0] * T
+    vals = [float(v) for v in (x.tolist() if torch.is_tensor(x) else x)]
+    if len(vals) != T:
+        raise ValueError(f"{where}{what} has {len(vals)} entries for {T} adapters")
+    for t, v in enumerate(vals):
+        if not math.isfinite(v):
+            raise ValueError(f"{where}adapter {t}: {what[:-1]} is {v}")
+    return vals
+
+
+def check_layer(A, B, scales=None, weights=None, *, rank=None, layer=None):
+    """Validate one layer's factors; returns ``(m, n, [r_t], scales, weights)`` or raises
+    ``ValueError`` naming the adapter and what is wrong."""
+    where = _where(layer)
+    if not isinstance(A, (list, tuple)) or not isinstance(B, (list, tuple)):
+        raise ValueError(f"{where}A and B must be lists of tensors (one per adapter)")
+    if len(A) != len(B):
+        raise ValueError(f"{where}{len(A)} lora_A factors but {len(B)} lora_B factors")
+    if len(A) == 0:
+        raise ValueError(f"{where}no adapters to merge")
+    T = len(A)
+    m = n = None
+    ranks = []
+    for t, (a, b) in enumerate(zip(A, B)):
+        if not (torch.is_tensor(a) and torch.is_tensor(b)):
+            raise ValueError(f"{where}adapter {t}: factors must be torch tensors")
+        if a.dim() != 2 or b.dim() != 2:
+            raise ValueError(f"{where}adapter {t}: lora_A must be [r, n] and lora_B [m, r], "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise ValueError(f"{where}adapter {t}: factors must be floating point, got {a.dtype}/{b.dtype}")
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(f"{where}adapter {t}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}")
+        if m is None:
+            m, n = b.shape[0], a.shape[1]
+        elif b.shape[0] != m or a.shape[1] != n:
+            raise ValueError(f"{where}adapter {t}: update is {b.shape[0]}x{a.shape[1]} but adapter 0's is {m}x{n}")
+        if a.shape[0] < 1:
+            raise ValueError(f"{where}adapter {t}: rank 0 factors")
+        for name, x in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{where}adapter {t}: {name} contains NaN or Inf")
+        ranks.append(a.shape[0])
+    s = _as_list(scales, T, "scales", where)
+    w = _as_list(weights, T, "weights", where)
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{where}rank must be a positive integer, got {rank!r}")
+        if rank > min(m, n):
+            raise ValueError(f"{where}rank {rank} exceeds min(m, n) = {min(m, n)} of the {m}x{n} layer")
+    return m, n, ranks, s, w
+
+
+def _check_solver(tol, max_iter, beta):
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    if not (0.0 <= float(beta) <= 1.0):
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# the small problem (float64, batched over layers)
+
+
+def _whiten(G, rtol):
+    """``G [L, R, R]`` -> (``Rf [L, R, R]`` with ``Rf^T Rf = G``, ``Winv [L, R, R]`` with
+    ``Rf Winv`` = projector on the kept directions). Dropped directions become zero rows."""
+    lam, Q = eig_op.eigh_batched(G)
+    keep = lam > rtol * lam[:, -1:].clamp(min=0)
+    root = torch.where(keep, lam.clamp(min=0).sqrt(), 0.0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
+    return (Q * root[:, None, :]).mT, Q * inv[:, None, :]
+
+
+def _half_step(Rx, Ry, V, T, rank):
+    """Top-``rank`` eigenvectors of ``sum_t Rx_t (Ry_t^T V)(Ry_t^T V)^T Rx_t^T`` with
+    ``Rx, Ry [L, R, R]`` (blocks of ``rb`` columns per adapter, c_t folded into Ry) and
+    ``V [L, R, r]`` -> (eigenvalues ``[L, r]``, ``U [L, R, r]`` with null columns zeroed)."""
+    L, R, _ = Rx.shape
+    rb = R // T
+    Y = (Ry.mT @ V).reshape(L, T, rb, -1)                       # [L, T, rb, r]
+    Z = Rx.reshape(L, R, T, rb).permute(0, 2, 1, 3) @ Y          # [L, T, R, r]
+    Z = Z.permute(0, 2, 1, 3).reshape(L, R, -1)                  # [L, R, T r]
+    w, U = eig_op.topk_eigh(Z @ Z.mT, rank)
+    live = w > NULL_RTOL * w[:, :1].clamp(min=0)
+    return w, U * live[:, None, :]
+
+
+def _hosvd(Rx, G_other, c, T, rank):
+    """HOSVD init: top eigenvectors of ``sum_t c_t^2 B_t (A_t A_t^T) B_t^T`` in whitened
+    coordinates, ``Rx blockdiag(c_t^2 G_other[t, t]) Rx^T``."""
+    L, R, _ = Rx.shape
+    rb = R // T
+    blocks = torch.stack([G_other[:, t * rb:(t + 1) * rb, t * rb:(t + 1) * rb] for t in range(T)], 1)
+    blocks = blocks * (c * c)[:, :, None, None]                  # [L, T, rb, rb]
+    W = (Rx.reshape(L, R, T, rb).permute(0, 2, 1, 3) @ blocks)   # [L, T, R, rb]
+    M = W.permute(0, 2, 1, 3).reshape(L, R, R) @ Rx.mT
+    w, U = eig_op.topk_eigh(M, rank)
+    live = w > NULL_RTOL * w[:, :1].clamp(min=0)
+    return U * live[:, None, :]
+
+
+def _polar(M):
+    X, _, Yh = torch.linalg.svd(M)
+    return X @ Yh
+
+
+class _Anderson:
+    """Type-II Anderson mixing of ``x -> g(x)`` for a batch of ``[R, r]`` orthonormal bases,
+    each compared in one fixed frame (orthogonal Procrustes onto the first iterate)."""
+
+    def __init__(self, x0, depth=ANDERSON_DEPTH):
+        self.ref = x0
+        self.depth = depth
+        self.xs, self.gs = [], []
+
+    def align(self, X):
+        return X @ _polar(X.mT @ self.ref)
+
+    def reset(self, mask):
+        """Forget the history of the layers in ``mask [L]`` (their extrapolation misbehaved)."""
+        self.xs = [torch.where(mask[:, None, None], g, x) for x, g in zip(self.xs, self.gs)]
+
+    def step(self, x, g):
+        """Next iterate from the current point ``x`` and its image ``g`` (both aligned)."""
+        L = x.shape[0]
+        self.xs.append(x.reshape(L, -1))
+        self.gs.append(g.reshape(L, -1))
+        if len(self.xs) > self.depth:
+            self.xs.pop(0)
+            self.gs.pop(0)
+        if len(self.xs) < 2:
+            return g
+        X = torch.stack(self.xs, -1)                              # [L, N, k]
+        G = torch.stack(self.gs, -1)
+        F = G - X
+        dF, dG = F.diff(dim=-1), G.diff(dim=-1)                   # [L, N, k-1]
+        # regularised normal equations: the differences become nearly collinear at convergence
+        H = dF.mT @ dF
+        eps = 1e-12 * H.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-300)
+        H = H + eps[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+        gamma = torch.linalg.solve(H, dF.mT @ F[..., -1:])        # [L, k-1, 1]
+        nxt = G[..., -1:] - dG @ gamma
+        Q, _ = torch.linalg.qr(nxt.reshape(x.shape))
+        return self.align(Q)
+
+
+@dataclass
+class Subspace:
+    Phi: torch.Tensor        # [L, R, r]: U = Bh Phi
+    Psi: torch.Tensor        # [L, R, r]: V = Ah^T Psi
+    iterations: list[int]
+    converged: list[bool]
+    last_step: list[float]
+
+
+def solve_subspace(G_B, G_A, c, T, rank, *, tol=1e-4, max_iter=1000, accelerate=True) -> Subspace:
+    """Tucker-2 subspace of a group from its Grams ``[L, R, R]`` and subspace weights ``c [L, T]``.
+
+    Runs in float64. Layers stop independently: a converged layer is frozen, so a layer's
+    answer does not depend on the batch it is solved in."""
+    gram_dtype = G_B.dtype
+    G_B, G_A, c = G_B.to(SOLVE_DTYPE), G_A.to(SOLVE_DTYPE), c.to(SOLVE_DTYPE)
+    L, R, _ = G_B.shape
+    rtol = WHITEN_RTOL.get(gram_dtype, WHITEN_RTOL[torch.float32])
+    Rb, Wb = _whiten(G_B, rtol)
+    Ra, Wa = _whiten(G_A, rtol)
+    rb = R // T
+    cc = c.repeat_interleave(rb, dim=1)[:, None, :]              # [L, 1, R]
+    Rbc, Rac = Rb * cc, Ra * cc
+    r = min(rank, R)
+    U = _hosvd(Rb, G_A, c, T, r)
+    V = _hosvd(Ra, G_B, c, T, r)
+    iters = torch.zeros(L, dtype=torch.long)
+    done = torch.zeros(L, dtype=torch.bool)
+    steps = torch.full((L,), float("inf"), dtype=SOLVE_DTYPE)
+    acc = _Anderson(V) if accelerate else None
+    x = acc.align(V) if accelerate else V
+    best = steps.clone()
+    for _ in range(max_iter):
+        U1 = _half_step(Rb, Rac, x, T, r)[1]
+        V1 = _half_step(Ra, Rbc, U1, T, r)[1]
+        step = torch.maximum(sin_angle(U, U1), sin_angle(x, V1))
+        active = ~done
+        iters += active.long()
+        steps = torch.where(active, step, steps)
+        U = torch.where(active[:, None, None], U1, U)
+        newly = active & (step <= tol)
+        V = torch.where(active[:, None, None], V1, V)
+        done |= newly
+        if bool(done.all()):
+            break
+        if accelerate:
+            g = acc.align(V1)
+            worse = step > 4 * best
+            if bool(worse.any()):
+                acc.reset(worse)
+            best = torch.minimum(best, step)
+            nxt = acc.step(x, g)
+            x = torch.where(done[:, None, None], V, nxt)
+        else:
+            x = V
+    # canonical order: columns by descending eigenvalue of their last update (eigh's order)
+    return Subspace(Wb @ U, Wa @ V, iters.tolist(), done.tolist(), steps.tolist())
+
+
+# ------------------------------------------------------------------------------------------
+# plans
+
+
+def _stack(layers, rb, dtype, device):
+    """Stack one group's factors -> Bh ``[L, m, R]``, Ah ``[L, R, n]``, colscale ``[L, R]``
+    (``s_t w_t`` on adapter t's columns, 0 on padding)."""
+    L = len(layers)
+    T = len(layers[0][0])
+    m, n = layers[0][1][0].shape[0], layers[0][0][0].shape[1]
+    R = T * rb
+    Bh = torch.zeros(L, m, R, dtype=dtype, device=device)
+    Ah = torch.zeros(L, R, n, dtype=dtype, device=device)
+    colscale = torch.zeros(L, R, dtype=torch.float64)
+    for l, (A, B, s, w) in enumerate(layers):
+        for t in range(T):
+            k = A[t].shape[0]
+            Bh[l, :, t * rb:t * rb + k] = B[t]
+            Ah[l, t * rb:t * rb + k] = A[t]
+            colscale[l, t * rb:t * rb + k] = s[t] * w[t]
+    return Bh, Ah, colscale.to(device)
+
+
+class GroupPlan:
+    """The subspace and coordinates of a group of same-shape layers; ``merge`` re-merges with
+    any rule and scale without touching the subspace (one rule + one lift per call)."""
+
+    def __init__(self, layers, *, rank, beta=0.0, tol=1e-4, max_iter=1000, accelerate=True,
+                 device=None, backend_name=None, layer_ids=None):
+        t0 = time.perf_counter()
+        A0, B0 = layers[0][0], layers[0][1]
+        self.m, self.n = B0[0].shape[0], A0[0].shape[1]
+        self.T = len(A0)
+        self.rb = max(a.shape[0] for A, *_ in layers for a in A)
+        self.rank = rank
+        self.out_dtype = A0[0].dtype
+        self.device = torch.device(device) if device is not None else A0[0].device
+        self.backend = backend.resolve(self.device, backend_name)
+        self.layer_ids = list(range(len(layers))) if layer_ids is None else list(layer_ids)
+        in_dtype = torch.promote_types(self.out_dtype, B0[0].dtype)
+        self.Bh, self.Ah, self.colscale = _stack(layers, self.rb, in_dtype, self.device)
+        # CPU: fp64 Grams are cheap next to the rest and keep every real direction; GPU: fp32
+        self.gram_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        G_B, G_A = gram_op.gram(self.Bh, self.Ah, self.colscale, out_dtype=self.gram_dtype)
+        T, rb = self.T, self.rb
+        L = len(layers)
+        blocks = lambda G: torch.stack([G[:, t * rb:(t + 1) * rb, t * rb:(t + 1) * rb] for t in range(T)], 1)
+        nu2 = (blocks(G_B).double() * blocks(G_A).double()).sum((-2, -1)).clamp(min=0)   # [L, T]
+        self.norms = nu2.sqrt()
+        c = torch.stack([subspace_weights(self.norms[l], beta) for l in range(L)])
+        sub = solve_subspace(G_B, G_A, c, T, rank, tol=tol, max_iter=max_iter, accelerate=accelerate)
+        self.Phi, self.Psi = sub.Phi, sub.Psi
+        Gp = G_B.to(SOLVE_DTYPE), G_A.to(SOLVE_DTYPE)
+        self.C = project_op.project(Gp[0], Gp[1], self.Phi, self.Psi, T)   # [L, T, r, r]
+        if self.Phi.shape[-1] < rank:                                       # R < rank: pad
+            pad = rank - self.Phi.shape[-1]
+            self.Phi = torch.nn.functional.pad(self.Phi, (0, pad))
+            self.Psi = torch.nn.functional.pad(self.Psi, (0, pad))
+            self.C = torch.nn.functional.pad(self.C, (0, pad, 0, pad))
+        kept = (self.C ** 2).sum((-2, -1)) / nu2.clamp(min=1e-300)
+        kept = torch.where(nu2 > 0, kept.clamp(max=1.0), torch.zeros_like(kept))
+        seconds = (time.perf_counter() - t0) / L
+        self.infos = [LayerInfo(sub.iterations[l], sub.converged[l], sub.last_step[l],
+                                kept[l].tolist(), self.norms[l].tolist(), seconds) for l in range(L)]
+
+    def merge(self, method="ties", *, scale=1.0, **rule_params) -> list[MergedLayer]:
+        params = resolve_params(method, rule_params)
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale!r}")
+        Cm = apply_rule(method, self.C, layer_ids=self.layer_ids, **params)   # [L, r, r]
+        X, S, Yh = torch.linalg.svd(Cm)
+        root = S.sqrt()
+        g = abs(float(scale)) ** 0.5
+        sign = 1.0 if scale >= 0 else -1.0
+        left = sign * g * (self.Phi @ X) * root[:, None, :]                   # [L, R, r]
+        right = g * root[:, :, None] * (Yh @ self.Psi.mT)                     # [L, r, R]
+        Bo, Ao = lift_op.lift(self.Bh, self.Ah, self.colscale, left, right, SOLVE_DTYPE
+                              if self.device.type == "cpu" else torch.float32)
+        Bo, Ao = canonical_signs(Bo, Ao)
+        Bo, Ao = Bo.to(self.out_dtype), Ao.to(self.out_dtype)
+        return [MergedLayer(Ao[l], Bo[l], self.infos[l], method, params) for l in range(len(self.infos))]
+
+
+class Plan:
+    """Plan of one layer (see :func:`prepare`)."""
+
+    def __init__(self, group: GroupPlan):
+        self._group = group
+        self.info = group.infos[0]
+
+    @property
+    def coordinates(self) -> torch.Tensor:
+        """``[T, r, r]``: ``C_t = U^T dW_t V`` of every adapter."""
+        return self._group.C[0]
+
+    def merge(self, method="ties", *, scale=1.0, **rule_params) -> MergedLayer:
+        return self._group.merge(method, scale=scale, **rule_params)[0]
+
+
+# ------------------------------------------------------------------------------------------
+# public entry points
+
+
+def prepare(A, B, *, rank, beta=0.0, weights=None, scales=None, tol=1e-4, max_iter=1000,
+            accelerate=True, device=None, backend=None) -> Plan:
+    """Find the shared subspace of one layer and the coordinates of every adapter.
+
+    A: list of ``[r_t, n]`` (lora_A), B: list of ``[m, r_t]`` (lora_B), ``scales`` the LoRA
+    scaling of each adapter (alpha/r or alpha/sqrt(r)), ``weights`` the user's weights.
+    The returned plan's ``merge(method, scale=..., **rule_params)`` costs one rule and one lift."""
+    _check_solver(tol, max_iter, beta)
+    _, _, _, s, w = check_layer(A, B, scales, weights, rank=rank)
+    return Plan(GroupPlan([(list(A), list(B), s, w)], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
+                          accelerate=accelerate, device=device, backend_name=backend))
+
+
+def merge_layer(A, B, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, scales=None,
+                tol=1e-4, max_iter=1000, accelerate=True, device=None, backend=None,
+                **rule_params) -> MergedLayer:
+    """Merge the LoRA adapters of one layer into one rank-``rank`` LoRA with CtM.
+
+    Returns a :class:`MergedLayer` whose ``B [m, rank] @ A [rank, n]`` is
+    ``scale * U rule({C_t}) V^T`` (DESIGN section 2), in the input dtype."""
+    resolve_params(method, rule_params)
+    plan = prepare(A, B, rank=rank, beta=beta, weights=weights, scales=scales, tol=tol,
+                   max_iter=max_iter, accelerate=accelerate, device=device, backend=backend)
+    return plan.merge(method, scale=scale, **rule_params)
+
+
+def _normalise_layers(layers, weights, rank):
+    out = []
+    for i, layer in enumerate(layers):
+        if len(layer) == 2:
+            A, B = layer
+            s = None
+        elif len(layer) == 3:
+            A, B, s = layer
+        else:
+            raise ValueError(f"layer {i}: expected (A_list, B_list) or (A_list, B_list, scales)")
+        w = None if weights is None else (weights[i] if isinstance(weights[0], (list, tuple)) or
+                                          torch.is_tensor(weights[0]) else weights)
+        _, _, _, s, w = check_layer(list(A), list(B), s, w, rank=rank, layer=i)
+        out.append((list(A), list(B), s, w))
+    return out
+
+
+def group_keys(layers):
+    """Layers that can be solved as one batch share ``(m, n, T, rb, dtype)``."""
+    keys = {}
+    for i, (A, B, *_) in enumerate(layers):
+        key = (B[0].shape[0], A[0].shape[1], len(A), max(a.shape[0] for a in A), A[0].dtype, str(A[0].device))
+        keys.setdefault(key, []).append(i)
+    return keys
+
+
+def prepare_layers(layers, *, rank, beta=0.0, weights=None, tol=1e-4, max_iter=1000, accelerate=True,
+                   device=None, backend=None, max_group=None) -> list[Plan]:
+    """Plans for many layers: ``layers`` is a list of ``(A_list, B_list[, scales])``; ``weights``
+    is one list for all layers or a list of per-layer lists. Same-shape layers are batched."""
+    _check_solver(tol, max_iter, beta)
+    norm = _normalise_layers(layers, weights, rank)
+    plans: list[Plan | None] = [None] * len(norm)
+    for idx in group_keys(norm).values():
+        step = max_group or len(idx)
+        for k in range(0, len(idx), step):
+            chunk = idx[k:k + step]
+            group = GroupPlan([norm[i] for i in chunk], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
+                              accelerate=accelerate, device=device, backend_name=backend, layer_ids=chunk)
+            for j, i in enumerate(chunk):
+                plans[i] = _GroupMember(group, j)
+    return plans
+
+
+class _GroupMember(Plan):
+    """Layer ``j`` of a batched group plan."""
+
+    def __init__(self, group: GroupPlan, j: int):
+        self._group = group
+        self._j = j
+        self.info = group.infos[j]
+
+    @property
+    def coordinates(self):
+        return self._group.C[self._j]
+
+    def merge(self, method="ties", *, scale=1.0, **rule_params) -> MergedLayer:
+        return self._group.merge(method, scale=scale, **rule_params)[self._j]
+
+
+def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, tol=1e-4,
+                 max_iter=1000, accelerate=True, device=None, backend=None, **rule_params) -> list[MergedLayer]:
+    """Merge many layers (same-shape ones batched); see :func:`prepare_layers`."""
+    resolve_params(method, rule_params)
+    _check_solver(tol, max_iter, beta)
+    norm = _normalise_layers(layers, weights, rank)
+    out: list[MergedLayer | None] = [None] * len(norm)
+    for idx in group_keys(norm).values():
+        group = GroupPlan([norm[i] for i in idx], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
+                          accelerate=accelerate, device=device, backend_name=backend, layer_ids=idx)
+        for j, merged in zip(idx, group.merge(method, scale=scale, **rule_params)):
+            out[j] = merged
+    return out

@@ -1,0 +1,56 @@
+"""Adapters in and out: PEFT folders, kohya files, in-memory state dicts.
+
+:func:`open_adapter` turns a path or a state dict into an :class:`~.stream.Adapter` (header
+and config only, validated); the factors are read later, a module group at a time.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from .kohya import read_kohya, read_kohya_state_dict, write_kohya, kohya_tensors, kohya_name
+from .peft import (CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, merged_config, peft_tensors, read_peft,
+                   read_peft_state_dict, write_peft)
+from .stream import (Adapter, AdapterError, LazyTensor, MergedModule, ModuleEntry, ModuleSpec,
+                     load_group, plan_groups, plan_modules, write_safetensors)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def open_adapter(source, label: str | None = None) -> Adapter:
+    """Open one adapter.
+
+    ``source`` is a path (a PEFT adapter folder; its ``adapter_model.safetensors``; or a kohya
+    ``.safetensors`` file), a kohya state dict, or a PEFT ``(state_dict, config)`` pair (config
+    a dict or ``peft.LoraConfig``). Bad input raises :class:`AdapterError` (a ``ValueError``)
+    naming the file and key."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return read_peft(path)
+        if not path.exists():
+            raise AdapterError(f"{source}: no such file or folder")
+        if path.suffix.lower() in _PICKLE_SUFFIXES:
+            raise AdapterError(f"{source}: pickled weights are not read (they can run code when loaded); "
+                               "convert the adapter to safetensors")
+        if path.suffix.lower() != ".safetensors":
+            raise AdapterError(f"{source}: expected a PEFT adapter folder or a .safetensors file")
+        if path.name == WEIGHTS_NAME or (path.parent / CONFIG_NAME).is_file():
+            return read_peft(path.parent)
+        return read_kohya(path)
+    label = label or "state dict"
+    if isinstance(source, tuple) and len(source) == 2:
+        return read_peft_state_dict(source[0], source[1], label)
+    if isinstance(source, Mapping):
+        if any(isinstance(k, str) and (".lora_A." in k or ".lora_embedding_A" in k) for k in source):
+            raise AdapterError(f"{label}: PEFT-style keys need their config: pass (state_dict, config)")
+        return read_kohya_state_dict(source, label)
+    raise AdapterError(f"{label}: expected a path, a kohya state dict or a (state_dict, config) pair, "
+                       f"got {type(source).__name__}")
+
+
+__all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleEntry", "ModuleSpec",
+           "open_adapter", "read_peft", "read_peft_state_dict", "read_kohya", "read_kohya_state_dict",
+           "write_peft", "write_kohya", "peft_tensors", "kohya_tensors", "kohya_name", "merged_config",
+           "plan_modules", "plan_groups", "load_group", "write_safetensors", "PICKLE_NAMES"]

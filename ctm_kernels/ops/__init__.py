@@ -1,0 +1,1 @@
+"""One module per op: Gram matrices, small eigensolves, r x r projections, lift."""

@@ -1,0 +1,171 @@
+"""Float64 dense reference of CtM (DESIGN section 2) and the baselines (section 5).
+
+Everything here builds dense ``m x n`` updates: small sizes only. It is the answer key of the
+tests and the slow side of the benchmarks, written for clarity, not speed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rules import apply_rule
+
+NULL_RTOL = 1e-12  # eigenvalues below NULL_RTOL * largest span no direction of the adapters
+
+
+def dense_updates(A, B, scales=None, weights=None) -> torch.Tensor:
+    """``dW_t = scales[t] * weights[t] * B_t @ A_t`` in float64 -> ``[T, m, n]``."""
+    T = len(A)
+    s = [1.0] * T if scales is None else list(scales)
+    w = [1.0] * T if weights is None else list(weights)
+    return torch.stack([float(s[t]) * float(w[t]) * (B[t].double() @ A[t].double()) for t in range(T)])
+
+
+def subspace_weights(nu: torch.Tensor, beta: float) -> torch.Tensor:
+    """``c_t = (beta*nu_t + (1-beta)*mean(nu)) / nu_t`` over the adapters with ``nu_t > 0``
+    (their mean); ``c_t = 0`` for a zero adapter, which is left out of the subspace search."""
+    live = nu > 0
+    mean = nu[live].mean() if live.any() else nu.new_tensor(0.0)
+    return torch.where(live, (beta * nu + (1 - beta) * mean) / torch.where(live, nu, 1.0), 0.0)
+
+
+def sin_angle(U0: torch.Tensor, U1: torch.Tensor) -> torch.Tensor:
+    """Sine of the largest principal angle, ``||U1 - U0 (U0^T U1)||_2`` (from the difference,
+    not ``1 - cos``); works batched over leading dimensions."""
+    return torch.linalg.matrix_norm(U1 - U0 @ (U0.mT @ U1), ord=2)
+
+
+def top_eigvecs(M: torch.Tensor, r: int):
+    """Top-``r`` eigenpairs of symmetric ``M`` (descending); columns whose eigenvalue is below
+    ``NULL_RTOL`` times the largest are zeroed: they span no direction of the data."""
+    w, Q = torch.linalg.eigh(M)
+    w, Q = w.flip(-1)[..., :r], Q.flip(-1)[..., :r]
+    live = w > NULL_RTOL * w[..., :1].clamp(min=0)
+    return w, Q * live[..., None, :]
+
+
+@dataclass
+class Tucker2:
+    U: torch.Tensor       # [m, r]
+    V: torch.Tensor       # [n, r]
+    iterations: int
+    converged: bool
+
+
+def tucker2(X: torch.Tensor, rank: int, tol: float = 1e-4, max_iter: int = 1000) -> Tucker2:
+    """Shared subspace of ``X [T, m, n]``: HOSVD init, then HOOI until the sine of the largest
+    principal angle between successive iterates is <= ``tol`` for U and V, or ``max_iter``."""
+    U = top_eigvecs(torch.einsum("tmn,tkn->mk", X, X), rank)[1]
+    V = top_eigvecs(torch.einsum("tmn,tmk->nk", X, X), rank)[1]
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        XV = X @ V                                              # [T, m, r]
+        U1 = top_eigvecs(torch.einsum("tmr,tkr->mk", XV, XV), rank)[1]
+        XU = X.mT @ U1                                          # [T, n, r]
+        V1 = top_eigvecs(torch.einsum("tnr,tkr->nk", XU, XU), rank)[1]
+        step = max(sin_angle(U, U1).item(), sin_angle(V, V1).item())
+        U, V = U1, V1
+        if step <= tol:
+            converged = True
+            break
+    return Tucker2(U, V, it, converged)
+
+
+def balanced_factors(U, Cm, V, scale=1.0):
+    """``dW = scale * U Cm V^T`` as a balanced LoRA: ``Cm = X S Y^T``,
+    ``B = sign(scale) sqrt|scale| U X S^1/2``, ``A = sqrt|scale| S^1/2 Y^T V^T``; then each
+    column of B has its largest-|entry| made positive (the matching row of A flips with it)."""
+    X, S, Yh = torch.linalg.svd(Cm, full_matrices=False)
+    root = S.sqrt()
+    g = abs(scale) ** 0.5
+    B = (scale >= 0 and 1.0 or -1.0) * g * (U @ X) * root
+    A = g * root[:, None] * (Yh @ V.mT)
+    return canonical_signs(B, A)
+
+
+def canonical_signs(B, A):
+    """Flip column j of ``B [..., m, r]`` and row j of ``A [..., r, n]`` so that B's
+    largest-|entry| in that column is positive (the product ``B @ A`` is unchanged)."""
+    idx = B.abs().argmax(-2, keepdim=True)
+    sign = torch.sign(torch.gather(B, -2, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return B * sign, A * sign.mT
+
+
+@dataclass
+class ReferenceResult:
+    dW: torch.Tensor      # [m, n] merged update
+    B: torch.Tensor       # [m, r]
+    A: torch.Tensor       # [r, n]
+    U: torch.Tensor
+    V: torch.Tensor
+    C: torch.Tensor       # [T, r, r] coordinates of the unscaled updates
+    iterations: int
+    converged: bool
+
+
+def ctm(dWs: torch.Tensor, rank: int, method: str = "ties", *, beta: float = 0.0, scale: float = 1.0,
+        tol: float = 1e-4, max_iter: int = 1000, **rule_params) -> ReferenceResult:
+    """Compress-then-Merge of dense updates ``dWs [T, m, n]`` (DESIGN section 2), in float64."""
+    dWs = dWs.double()
+    nu = torch.linalg.matrix_norm(dWs)
+    c = subspace_weights(nu, beta)
+    tk = tucker2(c[:, None, None] * dWs, rank, tol, max_iter)
+    C = tk.U.mT @ dWs @ tk.V                                    # [T, r, r]
+    Cm = apply_rule(method, C[None], **rule_params)[0]
+    B, A = balanced_factors(tk.U, Cm, tk.V, scale)
+    return ReferenceResult(B @ A, B, A, tk.U, tk.V, C, tk.iterations, tk.converged)
+
+
+def full_merge(dWs: torch.Tensor, method: str = "ties", *, scale: float = 1.0, **rule_params) -> torch.Tensor:
+    """Full-parameter merging: the rule entry-wise on the dense updates ``[T, m, n]`` -> ``[m, n]``
+    (no rank limit: the quality ceiling and the slow baseline)."""
+    return scale * apply_rule(method, dWs[None], **rule_params)[0]
+
+
+def truncate(M: torch.Tensor, rank: int):
+    """Best rank-``rank`` approximation of ``M [m, n]`` by a full SVD -> (B ``[m, r]``, A ``[r, n]``)."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = S[:rank].sqrt()
+    return canonical_signs(U[:, :rank] * root, root[:, None] * Vh[:rank])
+
+
+def mtc(dWs: torch.Tensor, rank: int, method: str = "ties", *, scale: float = 1.0, **rule_params):
+    """Merge-then-Compress (PEFT ``*_svd``, kohya ``svd_merge_lora``): full-parameter merge,
+    then truncated SVD to ``rank`` -> (B ``[m, r]``, A ``[r, n]``)."""
+    return truncate(full_merge(dWs, method, scale=scale, **rule_params), rank)
+
+
+def core_bases(A, B, scales=None, weights=None):
+    """Reference bases of the core space: left singular vectors of the stacked scaled B's and
+    right singular vectors of the stacked A's (nonzero ones only), sorted by singular value,
+    with canonical signs -> (Ub ``[m, kb]``, Va ``[n, ka]``)."""
+    T = len(A)
+    s = [1.0] * T if scales is None else list(scales)
+    w = [1.0] * T if weights is None else list(weights)
+    Bh = torch.cat([float(s[t]) * float(w[t]) * B[t].double() for t in range(T)], 1)
+    Ah = torch.cat([a.double() for a in A], 0)
+    out = []
+    for M in (Bh, Ah.mT):
+        Q, S, _ = torch.linalg.svd(M, full_matrices=False)
+        Q = Q[:, S > S[:1] * max(M.shape) * torch.finfo(S.dtype).eps]
+        out.append(canonical_signs(Q, Q.mT)[0])
+    return out
+
+
+def core_mtc(A, B, rank: int, method: str = "ties", *, scales=None, weights=None, scale: float = 1.0,
+             **rule_params):
+    """Core-space Merge-then-Compress: project every adapter onto the core space of the stacked
+    factors (``M_t = Ub^T dW_t Va``, at most ``R x R``), merge there with the rule, truncate the
+    merged core to ``rank`` and lift -> (B ``[m, r]``, A ``[r, n]``)."""
+    T = len(A)
+    s = [1.0] * T if scales is None else list(scales)
+    w = [1.0] * T if weights is None else list(weights)
+    Ub, Va = core_bases(A, B, scales, weights)
+    # the dense [T, kb, ka] core tensor, built from the factors (never from m x n updates)
+    core = torch.stack([float(s[t]) * float(w[t]) * (Ub.mT @ B[t].double()) @ (A[t].double() @ Va)
+                        for t in range(T)])
+    Bc, Ac = truncate(full_merge(core, method, scale=scale, **rule_params), rank)
+    return canonical_signs(Ub @ Bc, Ac @ Va.mT)
