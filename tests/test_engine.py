@@ -1,0 +1,244 @@
+"""The fast path (Gram route, coefficient space) against the float64 dense reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ctm_kernels as ck
+from ctm_kernels import reference as ref
+from ctm_kernels.rules import RULES
+
+from adapters import gaussian, relerr, structured
+from tolerances import MERGE_RTOL
+
+TIGHT = dict(tol=1e-11, max_iter=20000)
+RULE_PARAMS = {"ties": dict(top_k=0.3), "dare": dict(p=0.3, seed=7), "dare_ties": dict(p=0.3, seed=7, top_k=0.5)}
+
+
+def _case(name, dtype):
+    """(A, B, scales, rank) for the named situation."""
+    if name == "gaussian":
+        A, B = gaussian(40, 36, [4, 4, 4, 4], dtype=dtype, seed=1)
+        return A, B, [0.5, 1.0, 2.0, 1.5], 8
+    if name == "structured":
+        A, B = structured(48, 40, [5, 5, 5, 5, 5], dtype=dtype, seed=2)
+        return A, B, [1.0, 0.7, 1.3, 1.0, 0.9], 9
+    if name == "T1":
+        A, B = structured(30, 26, [6], dtype=dtype, seed=3)
+        return A, B, [2.0], 4
+    if name == "mixed_ranks":
+        A, B = structured(44, 52, [2, 7, 4], dtype=dtype, seed=4)
+        return A, B, [4.0, 1.0, 2.0], 7
+    if name == "R_gt_m":
+        A, B = structured(20, 22, [6, 6, 6, 6, 6], dtype=dtype, seed=5)   # R = 30 > min(m, n)
+        return A, B, [1.0] * 5, 7
+    if name == "zero_adapter":
+        A, B = structured(32, 30, [4, 4, 4, 4], dtype=dtype, seed=6)
+        B[2] = torch.zeros_like(B[2])
+        return A, B, [1.0] * 4, 6
+    if name == "near_duplicate":
+        A, B = structured(36, 34, [4, 4, 4, 4], dtype=dtype, seed=7)
+        A[1] = (A[0].double() * (1 + 1e-4) + 1e-4 * torch.randn(A[0].shape, dtype=torch.float64,
+                generator=torch.Generator().manual_seed(0))).to(dtype)
+        B[1] = B[0].clone()
+        return A, B, [1.0] * 4, 6
+    if name == "rank_deficient":
+        # every adapter has rank 2 in rank-4 factors; together they span 6 < rank = 8
+        g = torch.Generator().manual_seed(8)
+        basis_b = torch.randn(28, 3, generator=g, dtype=torch.float64)
+        basis_a = torch.randn(3, 31, generator=g, dtype=torch.float64)
+        A = [(torch.randn(4, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 3, generator=g,
+              dtype=torch.float64) @ basis_a).to(dtype) for _ in range(3)]
+        B = [(basis_b @ torch.randn(3, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 4, generator=g,
+              dtype=torch.float64)).to(dtype) for _ in range(3)]
+        return A, B, [1.0] * 3, 8
+    raise KeyError(name)
+
+
+CASES = ["gaussian", "structured", "T1", "mixed_ranks", "R_gt_m", "zero_adapter", "near_duplicate", "rank_deficient"]
+
+
+def _rule_ok(method, T, rank):
+    return not (method == "iso_cts" and T >= rank)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("method", sorted(RULES))
+def test_fast_path_matches_reference(method, case, dtype):
+    A, B, scales, rank = _case(case, dtype)
+    if not _rule_ok(method, len(A), rank):
+        with pytest.raises(ValueError, match="iso_cts needs fewer adapters"):
+            ck.merge_layer(A, B, rank=rank, method=method, scales=scales)
+        return
+    params = RULE_PARAMS.get(method, {})
+    dWs = ref.dense_updates([a.double() for a in A], [b.double() for b in B], scales)
+    want = ref.ctm(dWs, rank, method, **TIGHT, **params).dW
+    out = ck.merge_layer(A, B, rank=rank, method=method, scales=scales, **TIGHT, **params)
+    assert out.A.shape == (rank, A[0].shape[1]) and out.B.shape == (B[0].shape[0], rank)
+    assert out.A.dtype == dtype and out.B.dtype == dtype
+    assert torch.isfinite(out.A).all() and torch.isfinite(out.B).all()
+    assert relerr(out.B @ out.A, want) <= MERGE_RTOL[dtype]
+    assert out.info.converged
+
+
+@pytest.mark.parametrize("case", ["gaussian", "structured", "mixed_ranks"])
+def test_plain_hooi_follows_the_reference_iteration(case):
+    """accelerate=False takes the reference's steps: same iteration count, same answer at the
+    default tol (where the answer still depends on the path)."""
+    A, B, scales, rank = _case(case, torch.float64)
+    dWs = ref.dense_updates(A, B, scales)
+    want = ref.ctm(dWs, rank, "ties")
+    out = ck.merge_layer(A, B, rank=rank, method="ties", scales=scales, accelerate=False)
+    assert out.info.iterations == want.iterations
+    assert relerr(out.B @ out.A, want.dW) <= 1e-8
+
+
+@pytest.mark.parametrize("case", ["gaussian", "structured"])
+def test_acceleration_keeps_the_fixed_point(case):
+    """Anderson acceleration needs fewer sweeps and stops at least as close to the converged
+    subspace as plain HOOI with the same tol."""
+    A, B, scales, rank = _case(case, torch.float64)
+    dWs = ref.dense_updates(A, B, scales)
+    conv = ref.ctm(dWs, rank, "sum", **TIGHT)
+    plain = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, tol=1e-5, accelerate=False)
+    fast = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, tol=1e-5)
+    assert fast.info.iterations < plain.info.iterations
+    assert relerr(fast.B @ fast.A, conv.dW) <= 3 * relerr(plain.B @ plain.A, conv.dW) + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_inputs(dtype):
+    A, B, scales, rank = _case("structured", dtype)
+    dWs = ref.dense_updates([a.double() for a in A], [b.double() for b in B], scales)
+    want = ref.ctm(dWs, rank, "ties", **TIGHT, top_k=0.3).dW
+    out = ck.merge_layer(A, B, rank=rank, method="ties", scales=scales, top_k=0.3, **TIGHT)
+    assert out.A.dtype == dtype and out.B.dtype == dtype
+    assert relerr(out.B.double() @ out.A.double(), want) <= MERGE_RTOL[dtype]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_beta_and_weights(beta):
+    A, B, scales, rank = _case("structured", torch.float64)
+    weights = [1.0, 0.5, 2.0, 1.0, 0.25]
+    dWs = ref.dense_updates(A, B, scales, weights)
+    want = ref.ctm(dWs, rank, "iso_c", beta=beta, scale=0.8, **TIGHT).dW
+    out = ck.merge_layer(A, B, rank=rank, method="iso_c", beta=beta, scale=0.8, scales=scales,
+                         weights=weights, **TIGHT)
+    assert relerr(out.B @ out.A, want) <= 1e-6
+
+
+def test_plan_remerges_without_new_subspace():
+    A, B, scales, rank = _case("gaussian", torch.float64)
+    plan = ck.prepare(A, B, rank=rank, scales=scales, **TIGHT)
+    for method, scale, params in [("ties", 0.7, dict(top_k=0.4)), ("sum", 1.3, {}), ("dare", 1.0, dict(p=0.2, seed=3))]:
+        got = plan.merge(method, scale=scale, **params)
+        direct = ck.merge_layer(A, B, rank=rank, method=method, scale=scale, scales=scales, **TIGHT, **params)
+        assert torch.equal(got.B @ got.A, direct.B @ direct.A)
+    assert plan.coordinates.shape == (len(A), rank, rank)
+
+
+def test_negative_and_zero_scale():
+    A, B, scales, rank = _case("structured", torch.float64)
+    plan = ck.prepare(A, B, rank=rank, scales=scales)
+    pos = plan.merge("sum", scale=2.0)
+    neg = plan.merge("sum", scale=-2.0)
+    zero = plan.merge("sum", scale=0.0)
+    assert relerr(neg.B @ neg.A, -(pos.B @ pos.A)) <= 1e-12
+    assert torch.count_nonzero(zero.B @ zero.A) == 0
+
+
+def test_all_zero_adapters_give_zero_factors():
+    A, B, _, rank = _case("structured", torch.float64)
+    B = [torch.zeros_like(b) for b in B]
+    out = ck.merge_layer(A, B, rank=rank, method="ties")
+    assert torch.isfinite(out.A).all() and torch.isfinite(out.B).all()
+    assert torch.count_nonzero(out.B @ out.A) == 0
+
+
+def test_batched_layers_equal_single_layers():
+    layers = []
+    for seed in range(3):
+        A, B = structured(40, 36, [4, 6, 4], seed=10 + seed)
+        layers.append((A, B, [1.0, 2.0, 0.5]))
+    A, B = structured(24, 36, [4, 4], seed=20)                      # another shape: its own group
+    layers.append((A, B, [1.0, 1.0]))
+    outs = ck.merge_layers(layers, rank=5, method="dare_ties", p=0.2, seed=11, **TIGHT)
+    for i, (A, B, s) in enumerate(layers):
+        single = ck.merge_layer(A, B, rank=5, method="dare_ties", p=0.2, seed=11, scales=s, **TIGHT)
+        if i == 0:  # layer 0 draws the same DARE masks alone and in a batch
+            assert relerr(outs[i].B @ outs[i].A, single.B @ single.A) <= 1e-9
+        dWs = ref.dense_updates(A, B, s)
+        want = ref.ctm(dWs, 5, "sum", **TIGHT).dW
+        got = ck.merge_layers([(A, B, s)], rank=5, method="sum", **TIGHT)[0]
+        assert relerr(got.B @ got.A, want) <= 1e-6
+
+
+def test_energy_kept_is_a_share():
+    A, B, scales, rank = _case("structured", torch.float64)
+    out = ck.merge_layer(A, B, rank=rank, scales=scales, **TIGHT)
+    dWs = ref.dense_updates(A, B, scales)
+    res = ref.ctm(dWs, rank, "ties", **TIGHT)
+    want = (res.C ** 2).sum((-2, -1)) / (dWs ** 2).sum((-2, -1))
+    assert torch.allclose(torch.tensor(out.info.energy_kept, dtype=torch.float64), want, atol=1e-8)
+    full = ck.merge_layer(A, B, rank=min(sum(a.shape[0] for a in A), 40), scales=scales)
+    assert min(full.info.energy_kept) > 1 - 1e-8
+
+
+def test_sum_at_full_rank_is_exact():
+    """With rank >= the adapters' joint rank, CtM + sum reproduces the summed update exactly."""
+    A, B = gaussian(50, 45, [3, 5, 4], seed=3)
+    dWs = ref.dense_updates(A, B, [1.0, 0.5, 2.0])
+    out = ck.merge_layer(A, B, rank=12, method="sum", scales=[1.0, 0.5, 2.0])
+    assert relerr(out.B @ out.A, dWs.sum(0)) <= 1e-10
+
+
+def test_output_factors_are_balanced_and_canonical():
+    A, B, scales, rank = _case("structured", torch.float64)
+    out = ck.merge_layer(A, B, rank=rank, scales=scales, method="ties", **TIGHT)
+    # balanced: B^T B == A A^T (both S)
+    assert torch.allclose(out.B.mT @ out.B, out.A @ out.A.mT, atol=1e-8 * out.A.norm() ** 2)
+    # canonical signs: the largest-|entry| of each nonzero column of B is positive
+    col_max = out.B.gather(0, out.B.abs().argmax(0, keepdim=True))
+    assert (col_max[out.B.abs().amax(0, keepdim=True) > 0] > 0).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(rank=1000), "rank 1000 exceeds min"),
+    (dict(method="nope"), "unknown merge method 'nope'"),
+    (dict(method="ties", top_k=1.5), "top_k=1.5 is invalid"),
+    (dict(method="sum", top_k=0.5), "takes no parameter 'top_k'"),
+    (dict(tol=-1.0), "tol must be a positive number"),
+    (dict(beta=2.0), "beta must be in"),
+    (dict(scales=[1.0, 2.0]), "scales has 2 entries for 4 adapters"),
+    (dict(weights=[1.0, float("nan"), 1.0, 1.0]), "adapter 1: weight is nan"),
+], ids=["rank0", "rank_too_big", "unknown_method", "bad_top_k", "unknown_param", "bad_tol", "bad_beta",
+        "scales_len", "nan_weight"])
+def test_bad_arguments(bad, match):
+    A, B, _, _ = _case("gaussian", torch.float64)
+    kwargs = dict(rank=4, method="ties") | bad
+    with pytest.raises(ValueError, match=match):
+        ck.merge_layer(A, B, **kwargs)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda A, B: B.__setitem__(2, torch.randn(41, 4, dtype=torch.float64)), "adapter 2: update is 41x36"),
+    (lambda A, B: A.__setitem__(1, torch.randn(3, 36, dtype=torch.float64)), "adapter 1: lora_A has rank 3 but lora_B has rank 4"),
+    (lambda A, B: A[3].__setitem__((0, 0), float("nan")), "adapter 3: lora_A contains NaN or Inf"),
+    (lambda A, B: B[0].__setitem__((1, 1), float("inf")), "adapter 0: lora_B contains NaN or Inf"),
+    (lambda A, B: A.pop(), "3 lora_A factors but 4 lora_B factors"),
+], ids=["shape_mismatch", "rank_mismatch", "nan_in_A", "inf_in_B", "count_mismatch"])
+def test_bad_factors_name_the_adapter(mutate, match):
+    A, B, _, _ = _case("gaussian", torch.float64)
+    mutate(A, B)
+    with pytest.raises(ValueError, match=match):
+        ck.merge_layer(A, B, rank=4)
+
+
+def test_merge_layers_names_the_layer():
+    A, B = gaussian(20, 20, [2, 2], seed=0)
+    A2, B2 = gaussian(20, 20, [2, 2], seed=1)
+    A2[1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer 1: adapter 1: lora_A contains NaN"):
+        ck.merge_layers([(A, B), (A2, B2)], rank=2)
