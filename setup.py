@@ -55,9 +55,9 @@ def _extension_kwargs() -> dict:
             except Exception as exc:  # noqa: BLE001
                 _skip(f"build of {ext.name} failed: {exc}")
 
-    # -O3 for the lane loops to vectorise; no -ffast-math: the Jacobi convergence test
-    # relies on exact IEEE comparisons (x + g == x).
-    cxx = ["-O3"]
+    # -O3 -fopenmp-simd -fno-math-errno for the lane loops (sqrt included) to vectorise;
+    # no -ffast-math: the Jacobi convergence test relies on exact IEEE comparisons (x + g == x).
+    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("CTM_KERNELS_NO_CUDA") != "1"
     if with_cuda:
         ext = CUDAExtension(
@@ -67,7 +67,8 @@ def _extension_kwargs() -> dict:
         )
     else:
         ext = CppExtension("ctm_kernels._C", SOURCES, extra_compile_args={"cxx": cxx})
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}}
+    # ninja (parallel compiles, MAX_JOBS) when installed; BuildExtension falls back without it
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt}}
 
 
 setup(**_extension_kwargs())

@@ -4,8 +4,8 @@ Adapters are opened lazily (headers and configs first, all validated before any 
 read), the union of their modules is split into groups of same-shape modules whose factors
 fit ``max_group_bytes``, and each group is read, merged by the engine
 (:func:`ctm_kernels.merge_layers`, one batched problem per group) and dropped before the next
-is read. Peak memory is one group's factors plus the merged output (the size of one
-rank-``rank`` adapter).
+is read. Peak memory is one group's factors (and the engine's working copies) plus the merged
+output (the size of one rank-``rank`` adapter).
 """
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ class MergeResult:
     energy_kept: list[float]
     seconds: float
     inputs: list[Adapter] = field(repr=False, default_factory=list)
+
+    def __repr__(self) -> str:
+        return (f"MergeResult({len(self.modules)} modules, rank={self.rank}, method={self.method!r}, "
+                f"adapters={len(self.adapters)})")
 
     # -- what PEFT would load -----------------------------------------------------------------
 
@@ -188,6 +192,32 @@ def open_adapters(adapters: Sequence) -> list[Adapter]:
     return opened
 
 
+def _merge_group(adapters: list[Adapter], group, first: int, dtype, weights: list[float], *, rank, method,
+                 params, **engine_kw) -> list[MergedModule]:
+    """Read one group's factors, merge them as one engine call, return the merged modules
+    (CPU, stored layout). ``first`` is the group's position among all modules."""
+    factors = load_group(adapters, group, dtype)
+    layers = [([a for _, a, _, _ in mod], [b for _, _, b, _ in mod], [s for *_, s in mod]) for mod in factors]
+    layer_w = [[weights[i] for i, *_ in mod] for mod in factors]
+    # each module is identified by its position among all modules, so that its DARE mask is
+    # the same whatever the group sizes (max_group_bytes)
+    out = merge_layers(layers, rank=rank, method=method, weights=layer_w, layer_ids=range(first, first + len(layers)),
+                       **engine_kw, **params)
+    del factors, layers
+    merged = []
+    for e, res in zip(group, out):
+        spec = e.first
+        A, B = res.A.detach().to("cpu"), res.B.detach().to("cpu")
+        if spec.kind == "conv":
+            A = A.reshape(A.shape[0], *spec.a_shape[1:])
+            B = B.reshape(B.shape[0], B.shape[1], *spec.b_shape[2:])
+        info = res.info
+        merged.append(MergedModule(e.name, spec.kind, A, B, {
+            "iterations": info.iterations, "converged": info.converged, "energy_kept": list(info.energy_kept),
+            "norms": list(info.norms), "adapters": [i for i, _ in e.specs]}))
+    return merged
+
+
 def merge(adapters: Sequence, *, rank: int, method: str = "ties", weights=None, beta: float = 0.0,
           scale: float = 1.0, tol: float = 1e-4, max_iter: int = 1000, device=None, dtype=None,
           max_group_bytes: int = DEFAULT_GROUP_BYTES, progress: bool | Callable | None = False,
@@ -224,44 +254,32 @@ def merge(adapters: Sequence, *, rank: int, method: str = "ties", weights=None, 
 
     bar = None
     if progress is True:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         bar = tqdm(total=len(groups), desc="merging", unit="group", disable=None)
     merged: list[MergedModule] = []
-    kept_num = [0.0] * len(opened)
-    kept_den = [0.0] * len(opened)
+    first = 0                      # position of the group's first module in the order of the groups
     try:
         for done, group in enumerate(groups, 1):
-            factors = load_group(opened, group, cdtype)
-            layers = [([a for _, a, _, _ in mod], [b for _, _, b, _ in mod], [s for *_, s in mod])
-                      for mod in factors]
-            layer_w = [[w[i] for i, *_ in mod] for mod in factors]
-            out = merge_layers(layers, rank=rank, method=method, beta=beta, scale=scale, weights=layer_w,
-                               tol=tol, max_iter=max_iter, device=device, **params)
-            del factors, layers
-            for e, res in zip(group, out):
-                spec = e.first
-                A = res.A.detach().to("cpu")
-                B = res.B.detach().to("cpu")
-                if spec.kind == "conv":
-                    A = A.reshape(A.shape[0], *spec.a_shape[1:])
-                    B = B.reshape(B.shape[0], B.shape[1], *spec.b_shape[2:])
-                info = res.info
-                merged.append(MergedModule(e.name, spec.kind, A, B, {
-                    "iterations": info.iterations, "converged": info.converged,
-                    "energy_kept": list(info.energy_kept), "norms": list(info.norms),
-                    "adapters": [i for i, _ in e.specs]}))
-                for (i, _), kept, nu in zip(e.specs, info.energy_kept, info.norms):
-                    kept_num[i] += kept * nu * nu
-                    kept_den[i] += nu * nu
-            desc = f"{group[0].first.out_features}x{group[0].first.in_features} x{len(group)}"
+            spec = group[0].first
+            desc = f"{len(group)} x {spec.kind} {spec.out_features}x{spec.in_features}"
             if bar is not None:
-                bar.set_postfix_str(desc, refresh=False)
+                bar.set_postfix_str(desc)              # the group being merged now
+            merged += _merge_group(opened, group, first, cdtype, w, rank=rank, method=method, params=params,
+                                   beta=beta, scale=scale, tol=tol, max_iter=max_iter, device=device)
+            first += len(group)
+            if bar is not None:
                 bar.update(1)
             elif callable(progress):
                 progress(done, len(groups), desc)
     finally:
         if bar is not None:
             bar.close()
+    kept_num = [0.0] * len(opened)
+    kept_den = [0.0] * len(opened)
+    for mm in merged:
+        for i, kept, nu in zip(mm.info["adapters"], mm.info["energy_kept"], mm.info["norms"]):
+            kept_num[i] += kept * nu * nu
+            kept_den[i] += nu * nu
     order = {e.name: k for k, e in enumerate(entries)}
     merged.sort(key=lambda mm: order[mm.name])
     energy = [kept_num[i] / kept_den[i] if kept_den[i] > 0 else 0.0 for i in range(len(opened))]

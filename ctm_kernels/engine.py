@@ -403,9 +403,19 @@ class GroupPlan:
 class Plan:
     """Plan of one layer (see :func:`prepare`)."""
 
+    _j = 0
+
     def __init__(self, group: GroupPlan):
         self._group = group
         self.info = group.infos[0]
+
+    def bases(self):
+        """The shared subspace as dense orthonormal bases ``U [m, r]``, ``V [n, r]`` (one pass
+        over the factors; columns of directions the adapters do not span are zero)."""
+        g, j = self._group, self._j
+        U = (g.Bh[j].to(SOLVE_DTYPE) * g.colscale[j].to(SOLVE_DTYPE)) @ g.Phi[j]
+        V = g.Ah[j].to(SOLVE_DTYPE).mT @ g.Psi[j]
+        return U, V
 
     @property
     def coordinates(self) -> torch.Tensor:
@@ -472,19 +482,32 @@ def group_keys(layers):
     return keys
 
 
+def _layer_ids(layer_ids, count):
+    if layer_ids is None:
+        return list(range(count))
+    ids = [int(i) for i in layer_ids]
+    if len(ids) != count:
+        raise ValueError(f"layer_ids has {len(ids)} entries for {count} layers")
+    return ids
+
+
 def prepare_layers(layers, *, rank, beta=0.0, weights=None, tol=1e-4, max_iter=1000, accelerate=True,
-                   device=None, backend=None, max_group=None) -> list[Plan]:
+                   device=None, backend=None, max_group=None, layer_ids=None) -> list[Plan]:
     """Plans for many layers: ``layers`` is a list of ``(A_list, B_list[, scales])``; ``weights``
-    is one list for all layers or a list of per-layer lists. Same-shape layers are batched."""
+    is one list for all layers or a list of per-layer lists. Same-shape layers are batched.
+    ``layer_ids`` (default ``0..len-1``) identify the layers to seeded rules (DARE): give each
+    module of a model its own id so that its mask does not depend on how it is batched."""
     _check_solver(tol, max_iter, beta)
     norm = _normalise_layers(layers, weights, rank)
+    ids = _layer_ids(layer_ids, len(norm))
     plans: list[Plan | None] = [None] * len(norm)
     for idx in group_keys(norm).values():
         step = max_group or len(idx)
         for k in range(0, len(idx), step):
             chunk = idx[k:k + step]
             group = GroupPlan([norm[i] for i in chunk], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
-                              accelerate=accelerate, device=device, backend_name=backend, layer_ids=chunk)
+                              accelerate=accelerate, device=device, backend_name=backend,
+                              layer_ids=[ids[i] for i in chunk])
             for j, i in enumerate(chunk):
                 plans[i] = _GroupMember(group, j)
     return plans
@@ -507,15 +530,18 @@ class _GroupMember(Plan):
 
 
 def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, tol=1e-4,
-                 max_iter=1000, accelerate=True, device=None, backend=None, **rule_params) -> list[MergedLayer]:
+                 max_iter=1000, accelerate=True, device=None, backend=None, layer_ids=None,
+                 **rule_params) -> list[MergedLayer]:
     """Merge many layers (same-shape ones batched); see :func:`prepare_layers`."""
     resolve_params(method, rule_params)
     _check_solver(tol, max_iter, beta)
     norm = _normalise_layers(layers, weights, rank)
+    ids = _layer_ids(layer_ids, len(norm))
     out: list[MergedLayer | None] = [None] * len(norm)
     for idx in group_keys(norm).values():
         group = GroupPlan([norm[i] for i in idx], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
-                          accelerate=accelerate, device=device, backend_name=backend, layer_ids=idx)
+                          accelerate=accelerate, device=device, backend_name=backend,
+                          layer_ids=[ids[i] for i in idx])
         for j, merged in zip(idx, group.merge(method, scale=scale, **rule_params)):
             out[j] = merged
     return out

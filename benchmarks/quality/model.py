@@ -70,10 +70,10 @@ class LoRALinear(nn.Module):
         return self.scaling * self.lora_B @ self.lora_A
 
 
-def attach_lora(backbone: Backbone, rank: int, alpha: float) -> dict[str, LoRALinear]:
-    """Replace each backbone Linear by a LoRALinear around it (in place); returns them by name."""
+def attach_lora(backbone: Backbone, rank: int, alpha: float, layers=LAYERS) -> dict[str, LoRALinear]:
+    """Replace the named backbone Linears by LoRALinears around them (in place); returns them by name."""
     wrapped = {}
-    for name in LAYERS:
+    for name in layers:
         wrapped[name] = LoRALinear(getattr(backbone, name), rank, alpha)
         setattr(backbone, name, wrapped[name])
     return wrapped

@@ -35,13 +35,13 @@ ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 class ZooConfig:
     """Everything that determines a zoo (with the torch version and the data split)."""
 
-    hidden: int = 128
+    hidden: int = 256
     rank: int = 8
     alpha: float = 16.0
     batch_size: int = 64
     base_epochs: int = 60
     base_lr: float = 2e-3
-    adapter_epochs: int = 60
+    adapter_epochs: int = 40
     adapter_lr: float = 3e-3
     probe_epochs: int = 60
     probe_lr: float = 1e-2
@@ -49,6 +49,7 @@ class ZooConfig:
     base_seed: int = 0
     adapter_seed: int = 100
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    lora_layers: list[str] = field(default_factory=lambda: ["fc2", "fc3"])
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Adapter:
         return self.scaling * self.B[layer] @ self.A[layer]
 
     def deltas(self) -> dict[str, torch.Tensor]:
-        return {name: self.delta(name) for name in LAYERS}
+        return {name: self.delta(name) for name in self.A}
 
 
 @dataclass
@@ -125,7 +126,7 @@ def train_base(cfg: ZooConfig, data: Digits) -> tuple[Backbone, float]:
 def train_adapter(backbone: Backbone, task: Task, cfg: ZooConfig, data: Digits, seed: int) -> Adapter:
     """Train a LoRA adapter on every backbone layer together with a fresh head for ``task``."""
     torch.manual_seed(seed)
-    loras = attach_lora(backbone, cfg.rank, cfg.alpha)
+    loras = attach_lora(backbone, cfg.rank, cfg.alpha, cfg.lora_layers)
     head = nn.Linear(cfg.hidden, task.n_classes)
     params = [p for m in loras.values() for p in (m.lora_A, m.lora_B)] + list(head.parameters())
     try:
@@ -136,7 +137,7 @@ def train_adapter(backbone: Backbone, task: Task, cfg: ZooConfig, data: Digits, 
     return Adapter(task.name,
                    {n: m.lora_A.detach().clone() for n, m in loras.items()},
                    {n: m.lora_B.detach().clone() for n, m in loras.items()},
-                   loras[LAYERS[0]].scaling, head.weight.detach().clone(), head.bias.detach().clone(), seed)
+                   loras[cfg.lora_layers[0]].scaling, head.weight.detach().clone(), head.bias.detach().clone(), seed)
 
 
 def train_probe(backbone: Backbone, task: Task, cfg: ZooConfig, data: Digits, seed: int) -> nn.Linear:
@@ -183,8 +184,8 @@ def save_zoo(zoo: Zoo, out: Path) -> None:
     save_file({f"{n}.{k}": getattr(zoo.backbone, n).__getattr__(k).detach().half().contiguous()
                for n in LAYERS for k in ("weight", "bias")}, str(tmp / "base.safetensors"))
     for a in zoo.adapters:
-        tensors = {f"{n}.lora_A": a.A[n].contiguous() for n in LAYERS}
-        tensors |= {f"{n}.lora_B": a.B[n].contiguous() for n in LAYERS}
+        tensors = {f"{n}.lora_A": a.A[n].contiguous() for n in a.A}
+        tensors |= {f"{n}.lora_B": a.B[n].contiguous() for n in a.B}
         tensors |= {"head.weight": a.head_weight.contiguous(), "head.bias": a.head_bias.contiguous()}
         save_file(tensors, str(tmp / f"{a.task}.safetensors"))
     manifest = {"config": asdict(zoo.config), "scaling": zoo.adapters[0].scaling if zoo.adapters else None,
@@ -222,10 +223,11 @@ def load_zoo(path: Path = ZOO_DIR) -> Zoo:
     for task in cfg.tasks:
         file = path / f"{task}.safetensors"
         t = load_file(str(file))
-        for key in [f"{n}.lora_{x}" for n in LAYERS for x in "AB"] + ["head.weight", "head.bias"]:
+        for key in [f"{n}.lora_{x}" for n in cfg.lora_layers for x in "AB"] + ["head.weight", "head.bias"]:
             if key not in t:
                 raise ValueError(f"{file}: missing key {key!r}")
-        adapters.append(Adapter(task, {n: t[f"{n}.lora_A"] for n in LAYERS}, {n: t[f"{n}.lora_B"] for n in LAYERS},
+        adapters.append(Adapter(task, {n: t[f"{n}.lora_A"] for n in cfg.lora_layers},
+                                {n: t[f"{n}.lora_B"] for n in cfg.lora_layers},
                                 manifest["scaling"], t["head.weight"], t["head.bias"], manifest["seeds"][task]))
     return Zoo(cfg, backbone, adapters, manifest["stats"])
 

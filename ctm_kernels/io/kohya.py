@@ -58,6 +58,7 @@ def read_kohya_tensors(store: TensorStore, label: str) -> Adapter:
         else:
             raise AdapterError(f"{label}: {key}: {_refusal(key)}")
     modules: dict[str, ModuleSpec] = {}
+    alphas = store.get([p["alpha"] for p in parts.values() if "alpha" in p])    # one read for all
     for name, p in parts.items():
         for which, suffix in (("A", DOWN), ("B", UP)):
             if which not in p:
@@ -72,7 +73,7 @@ def read_kohya_tensors(store: TensorStore, label: str) -> Adapter:
                 raise AdapterError(f"{label}: {key}: dtype {store.dtype(key)} is not a float type")
         alpha = float(rank)
         if "alpha" in p:
-            t = store.get([p["alpha"]])[p["alpha"]]
+            t = alphas[p["alpha"]]
             if t.numel() != 1 or not bool(torch.isfinite(t.double()).all()):
                 raise AdapterError(f"{label}: {p['alpha']}: expected one finite number, got shape "
                                    f"{tuple(t.shape)}")

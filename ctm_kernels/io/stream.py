@@ -267,6 +267,11 @@ def _natural_key(name: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
 
 
+def _describe(spec: ModuleSpec) -> str:
+    """Kind and update shape ``[out, in(, *kernel)]`` of a module, for comparisons and messages."""
+    return f"{spec.kind} [{', '.join(map(str, (spec.out_features, *spec.a_shape[1:])))}]"
+
+
 def plan_modules(adapters: list[Adapter]) -> list[ModuleEntry]:
     """The union of the adapters' modules; a module missing from an adapter has no entry for
     it (it contributes nothing there). Raises when adapters disagree on a module's shape."""
@@ -278,12 +283,11 @@ def plan_modules(adapters: list[Adapter]) -> list[ModuleEntry]:
                 entries[name] = ModuleEntry(name, [(i, spec)])
                 continue
             j, ref = e.specs[0]
-            if (spec.kind, spec.out_features, spec.in_features, spec.a_shape[1:]) != \
-                    (ref.kind, ref.out_features, ref.in_features, ref.a_shape[1:]):
+            if _describe(spec) != _describe(ref):
                 raise AdapterError(
-                    f"{ad.label}: {spec.a_key}: module {name} is {spec.kind} {spec.out_features}x"
-                    f"{spec.a_shape[1:]} here but {ref.kind} {ref.out_features}x{ref.a_shape[1:]} in "
-                    f"{adapters[j].label} ({ref.a_key}); adapters for one base model must agree")
+                    f"{ad.label}: {spec.a_key}: module {name} is {_describe(spec)} here but "
+                    f"{_describe(ref)} in {adapters[j].label} ({ref.a_key}); adapters of one base "
+                    "model must agree")
             e.specs.append((i, spec))
     return [entries[k] for k in sorted(entries, key=_natural_key)]
 
@@ -366,7 +370,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
                 raise ValueError(f"{name}: expected {t.dtype} {tuple(t.shape)}, "
                                  f"got {data.dtype} {tuple(data.shape)}")
             if data.numel():
-                f.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
 
@@ -440,8 +444,9 @@ def atomic_file(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 class MergedModule:
     """One merged module, factors in the stored layout of its kind: ``A [rank, n]`` and
     ``B [m, rank]`` (conv: ``A [rank, in, *kernel]``, ``B [out, rank, 1, ...]``), update
-    ``B @ A`` at scaling 1 (written with ``lora_alpha = r``). ``info`` is the engine's
-    ``MergedLayer.info`` for this module."""
+    ``B @ A`` at scaling 1 (written with ``lora_alpha = r``). ``info``: the engine's report
+    for this module (``iterations``, ``converged``, and per contributing adapter, listed by
+    index in ``adapters``: ``energy_kept`` and ``norms`` = ``||w_t s_t B_t A_t||_F``)."""
 
     name: str
     kind: str

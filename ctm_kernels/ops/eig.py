@@ -1,15 +1,128 @@
-"""Batched small symmetric eigensolves."""
+"""Batched symmetric eigensolves of the engine (whitening, HOSVD and HOOI steps).
+
+* :func:`eigh_batched` - full decomposition, ascending like ``torch.linalg.eigh``. On the
+  CPU it uses the compiled cyclic Jacobi of csrc/ (``torch.ops.ctm_kernels.jacobi_eigh``)
+  where that was measured faster than LAPACK, and ``torch.linalg.eigh`` elsewhere.
+* :func:`topk_eigh` - the ``k`` largest eigenpairs, descending; with a starting block
+  ``X0`` and a large matrix it runs the warm-started :func:`subspace_topk`.
+* :func:`subspace_topk` - block subspace iteration with Rayleigh-Ritz for the top ``k``
+  eigenpairs of positive semidefinite matrices, batched over layers.
+"""
 from __future__ import annotations
 
 import torch
 
+from .. import backend as _backend
+from ._common import check, check_tensor
 
-def eigh_batched(M):
-    """M ``[L, p, p]`` symmetric -> (evals ``[L, p]`` ascending, evecs ``[L, p, p]``)."""
+# Where the compiled Jacobi beats torch.linalg.eigh, measured with
+# benchmarks/bench_eig_cpu.py (wall clock, medians, default threads) on this project's CPU
+# machine (2-core AMD EPYC, AVX2, torch 2.13 with MKL); benchmarks/results/eig_cpu.json:
+#
+#   n     float64 batch 256: eigh / jacobi (us per matrix)   float32 batch 256
+#   8     FILLED_BY_MEASUREMENT
+#
+# Jacobi costs ~8 sweeps of O(n^3) rotations against LAPACK's tridiagonal route, so it
+# only pays for small n, where the per-matrix overhead of the LAPACK calls dominates
+# and the Jacobi runs vectorised over 4 (float64) or 8 (float32) matrices at a time on
+# both cores. On the GPU the CUDA Jacobi is not used automatically until measured
+# (benchmarks/gpu_check.sh reports it): JACOBI_MAX_N has no CUDA entry.
+JACOBI_MAX_N = {("cpu", torch.float64): 0, ("cpu", torch.float32): 0}
+JACOBI_MIN_BATCH = 8
+
+# topk_eigh with a warm start switches to subspace iteration from this size on (dense
+# eigh is O(p^3), one subspace step O(p^2 k)); measured by bench_eig_cpu.py as well.
+SUBSPACE_MIN_P = 10**9
+
+METHODS = ("auto", "lapack", "jacobi")
+
+
+def _jacobi_pays(M: torch.Tensor) -> bool:
+    n = M.shape[-1]
+    batch = M.numel() // max(1, n * n)
+    limit = JACOBI_MAX_N.get((M.device.type, M.dtype), 0)
+    return 0 < n <= limit and batch >= JACOBI_MIN_BATCH and _backend.compiled_op("jacobi_eigh", M.device)
+
+
+def eigh_batched(M, *, method="auto"):
+    """M ``[L, p, p]`` symmetric -> (evals ``[L, p]`` ascending, evecs ``[L, p, p]``).
+
+    ``method``: "auto" (Jacobi where measured faster, see JACOBI_MAX_N), "lapack"
+    (``torch.linalg.eigh``) or "jacobi" (the compiled op; ValueError if not built)."""
+    check(method in METHODS, "eig", f"method must be one of {METHODS}, got {method!r}")
+    if method == "jacobi":
+        check(_backend.compiled_op("jacobi_eigh", M.device), "eig",
+              f"method='jacobi' needs the compiled ops (pip install -e . --no-build-isolation) with a {M.device.type} kernel")
+        return torch.ops.ctm_kernels.jacobi_eigh(M)
+    if method == "auto" and _jacobi_pays(M):
+        return torch.ops.ctm_kernels.jacobi_eigh(M)
     return torch.linalg.eigh(M)
 
 
-def topk_eigh(M, k):
-    """M ``[L, p, p]`` symmetric -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``)."""
-    w, Q = eigh_batched(M)
+def topk_eigh(M, k, *, X0=None, method="auto", tol=1e-9, max_iter=100):
+    """M ``[L, p, p]`` symmetric -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``).
+
+    ``X0 [L, p, k0]``: optional starting block (e.g. the previous iterate of an outer
+    loop); when given and ``p >= SUBSPACE_MIN_P`` (or ``method="subspace"``), the top
+    pairs come from :func:`subspace_topk` (M must then be positive semidefinite), with a
+    dense solve for any layer that did not converge."""
+    check(isinstance(k, int) and 0 <= k <= M.shape[-1], "eig", f"k must be in [0, {M.shape[-1]}], got {k!r}")
+    use_subspace = X0 is not None and (method == "subspace" or (method == "auto" and M.shape[-1] >= SUBSPACE_MIN_P))
+    if use_subspace and k > 0:
+        w, Q, _, ok = subspace_topk(M, k, X0, tol=tol, max_iter=max_iter)
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().flatten()
+            wd, Qd = torch.linalg.eigh(M[bad])
+            w[bad], Q[bad] = wd.flip(-1)[..., :k], Qd.flip(-1)[..., :k]
+        return w, Q
+    w, Q = eigh_batched(M, method="auto" if method == "subspace" else method)
     return w.flip(-1)[..., :k], Q.flip(-1)[..., :k]
+
+
+def subspace_topk(M, k, X0, *, tol=1e-9, max_iter=100, oversample=None):
+    """Top-``k`` eigenpairs of positive semidefinite ``M [L, p, p]`` by block subspace
+    iteration with Rayleigh-Ritz, started from ``X0 [L, p, k0]``.
+
+    The block has ``b = min(p, k + oversample)`` columns (default oversample
+    ``max(4, k // 2)``): ``X0``'s columns, completed with seeded random ones. Each step is one
+    product ``M X`` (``O(p^2 b)``), a QR and a ``b x b`` eigensolve; a layer stops when every
+    residual ``||M x_i - theta_i x_i||`` is at most ``tol * theta_1``. The error of a pair
+    shrinks like ``(lambda_{b+1} / lambda_i)`` per step, so a close start needs few steps.
+
+    Returns (evals ``[L, k]`` descending, evecs ``[L, p, k]``, steps ``[L]`` int,
+    converged ``[L]`` bool)."""
+    check_tensor(M, "eig", "M", 3, (torch.float32, torch.float64))
+    check_tensor(X0, "eig", "X0", 3, (torch.float32, torch.float64))
+    L, p, _ = M.shape
+    check(X0.shape[0] == L and X0.shape[1] == p, "eig", f"X0 must be [{L}, {p}, k0], got {tuple(X0.shape)}")
+    check(isinstance(k, int) and 1 <= k <= p, "eig", f"k must be in [1, {p}], got {k!r}")
+    if oversample is None:
+        oversample = max(4, k // 2)
+    b = min(p, k + oversample)
+    X = X0.to(M.dtype)[..., :b]
+    if X.shape[-1] < b:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        extra = torch.randn((L, p, b - X.shape[-1]), generator=gen, dtype=M.dtype).to(M.device)
+        X = torch.cat([X, extra], -1)
+    X = torch.linalg.qr(X).Q
+    steps = torch.zeros(L, dtype=torch.int64, device=M.device)
+    done = torch.zeros(L, dtype=torch.bool, device=M.device)
+    theta = torch.zeros((L, b), dtype=M.dtype, device=M.device)
+    for _ in range(max_iter + 1):
+        MX = M @ X                                              # [L, p, b]
+        H = X.mT @ MX
+        th, V = torch.linalg.eigh((H + H.mT) / 2)
+        th, V = th.flip(-1), V.flip(-1)                          # descending Ritz values
+        Xr, MXr = X @ V, MX @ V
+        res = (MXr[..., :k] - Xr[..., :k] * th[:, None, :k]).norm(dim=1)     # [L, k]
+        ok = (res <= tol * th[:, :1].abs().clamp(min=torch.finfo(M.dtype).tiny)).all(-1)
+        # frozen layers keep their converged pairs; the others take this step
+        keep = done[:, None, None]
+        X = torch.where(keep, X, Xr)
+        theta = torch.where(done[:, None], theta, th)
+        done = done | ok
+        if bool(done.all()):
+            break
+        steps = steps + (~done).long()
+        X = torch.where(done[:, None, None], X, torch.linalg.qr(MXr).Q)
+    return theta[:, :k].clone(), X[..., :k].clone(), steps, done

@@ -1,0 +1,1 @@
+"""Benchmarks of ctm_kernels: speed, memory, scaling and merge quality."""

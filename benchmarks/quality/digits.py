@@ -1,0 +1,245 @@
+"""Merge quality on real tasks: the digits LoRA zoo merged with every rule and method.
+
+``python -m benchmarks.quality.digits`` (from the repository root) loads the committed zoo
+(``benchmarks/quality/zoo/``; ``--retrain`` trains it again first), merges its adapters with
+every rule in CtM, MtC, core-space MtC and full-parameter merging, chooses the scale lambda
+(and ``top_k`` for TIES and DARE-TIES) on the validation split with the same grids for every
+method, and reports test accuracy normalised by each adapter's own accuracy
+(merged / individual x 100), per task and on average, as the tables of the CtM paper do.
+Writes ``benchmarks/results/quality_digits.{json,md}`` (``--quick``: ``quality_digits_quick.*``).
+
+Every task keeps its own head (trained with its adapter); only the backbone updates merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .merging import METHODS, RANKED, LayerFactors, Merger, rule_validity
+from .report import RESULTS_DIR, markdown_table, metadata, write_json
+from .tasks import Digits
+from .zoo import ZOO_DIR, Zoo, ZooConfig, accuracy, load_zoo, save_zoo, train_zoo
+
+ALL_RULES = ("sum", "mean", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts")
+TOP_K_RULES = ("ties", "dare_ties")
+SEEDED_RULES = ("dare", "dare_ties")
+
+
+@dataclass
+class RunConfig:
+    """What a run merges and the hyper-parameter grids (the same for every method)."""
+
+    ranks: tuple[int, ...] = (8, 16)
+    methods: tuple[str, ...] = METHODS
+    rules: tuple[str, ...] = ALL_RULES
+    # geometric grid 1/8 .. 8 (factor sqrt 2): covers sum-like rules (lambda ~ 1/T) and
+    # mean-like ones (TIES, Iso: lambda ~ 1..T)
+    lambdas: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-6, 7))
+    top_ks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    dare_p: float = 0.5
+    dare_seeds: tuple[int, ...] = (0, 1, 2)
+    tol: float = 1e-4
+    max_iter: int = 1000
+
+
+QUICK = RunConfig(ranks=(8,), rules=("sum", "ties", "dare_ties", "tsv", "iso_c"),
+                  lambdas=(0.25, 0.5, 1.0, 2.0, 4.0), top_ks=(0.1, 0.3, 1.0), dare_seeds=(0,))
+
+
+def layer_factors(zoo: Zoo) -> list[LayerFactors]:
+    return [LayerFactors([a.A[name] for a in zoo.adapters], [a.B[name] for a in zoo.adapters],
+                         [a.scaling for a in zoo.adapters]) for name in zoo.config.lora_layers]
+
+
+class Evaluator:
+    """Accuracies of the zoo's task heads on one backbone update, per split."""
+
+    def __init__(self, zoo: Zoo, data: Digits):
+        self.zoo = zoo
+        self.splits = {part: [data.split(t, part) for t in zoo.tasks] for part in ("val", "test")}
+        self.individual = {part: [accuracy(zoo.backbone, a.deltas(), a.head_weight, a.head_bias, s)
+                                  for a, s in zip(zoo.adapters, self.splits[part])] for part in self.splits}
+
+    def accuracies(self, deltas: dict[str, torch.Tensor] | None, part: str) -> list[float]:
+        return [accuracy(self.zoo.backbone, deltas, a.head_weight, a.head_bias, s)
+                for a, s in zip(self.zoo.adapters, self.splits[part])]
+
+    def normalised(self, accs: list[float], part: str) -> list[float]:
+        return [100.0 * acc / ind for acc, ind in zip(accs, self.individual[part])]
+
+
+def _search(ev: Evaluator, merged_by_param: dict, lambdas) -> dict:
+    """Best ``(param, lambda)`` on validation (mean normalised accuracy; the first best wins,
+    params and lambdas in grid order), then its test accuracies."""
+    best = None
+    for key, merged in merged_by_param.items():
+        for lam in lambdas:
+            deltas = {name: (lam * M).float() for name, M in zip(ev.zoo.config.lora_layers, merged)}
+            score = sum(ev.normalised(ev.accuracies(deltas, "val"), "val")) / len(ev.zoo.adapters)
+            if best is None or score > best[0]:
+                best = (score, key, lam, deltas)
+    score, key, lam, deltas = best
+    test = ev.accuracies(deltas, "test")
+    return {"top_k": key, "lambda": lam, "val_norm_avg": score, "test_acc": test, "test_norm": ev.normalised(test, "test")}
+
+
+def run(zoo: Zoo, data: Digits, cfg: RunConfig, log=print) -> dict:
+    """Merge the zoo with every (rank, method, rule) of ``cfg``; returns the results (JSON-ready)."""
+    t_start = time.perf_counter()
+    ev = Evaluator(zoo, data)
+    layers = layer_factors(zoo)
+    merger = Merger(layers, tol=cfg.tol, max_iter=cfg.max_iter)
+    names = [a.task for a in zoo.adapters]
+    zero = ev.accuracies(None, "test")
+    out = {"tasks": names, "config": asdict(cfg),
+           "individual_test_acc": ev.individual["test"], "individual_val_acc": ev.individual["val"],
+           "lambda0_test_norm": ev.normalised(zero, "test"), "ctm_subspace": {}, "results": [], "skipped": []}
+    for rank in cfg.ranks:
+        t0 = time.perf_counter()
+        plans = merger.plans(rank) if "ctm" in cfg.methods else []
+        out["ctm_subspace"][str(rank)] = [
+            {"layer": name, "iterations": p.info.iterations, "converged": p.info.converged,
+             "energy_kept": dict(zip(names, p.info.energy_kept))} for name, p in zip(zoo.config.lora_layers, plans)]
+        if plans:
+            log(f"rank {rank}: CtM subspaces in {time.perf_counter() - t0:.2f} s, iterations "
+                f"{[p.info.iterations for p in plans]}")
+    for rank in cfg.ranks:
+        for method in cfg.methods:
+            if method == "full" and rank != cfg.ranks[0]:
+                continue  # no rank: one run is enough
+            for rule in cfg.rules:
+                r = rank if method in RANKED else None
+                reason = rule_validity(method, rule, layers, rank)
+                if reason:
+                    out["skipped"].append({"rank": r, "method": method, "rule": rule, "reason": reason})
+                    continue
+                t0 = time.perf_counter()
+                seeds = cfg.dare_seeds if rule in SEEDED_RULES else (None,)
+                per_seed = []
+                for seed in seeds:
+                    params = {"p": cfg.dare_p, "seed": seed} if seed is not None else {}
+                    grid = cfg.top_ks if rule in TOP_K_RULES else (None,)
+                    merged = {k: merger.merge(method, rule, r, **params, **({"top_k": k} if k else {}))
+                              for k in grid}
+                    per_seed.append({"seed": seed, **_search(ev, merged, cfg.lambdas)})
+                test_norm = [sum(s["test_norm"][i] for s in per_seed) / len(per_seed) for i in range(len(names))]
+                test_acc = [sum(s["test_acc"][i] for s in per_seed) / len(per_seed) for i in range(len(names))]
+                row = {"rank": r, "method": method, "rule": rule, "test_norm": test_norm, "test_acc": test_acc,
+                       "test_norm_avg": sum(test_norm) / len(test_norm), "chosen": per_seed,
+                       "seconds": time.perf_counter() - t0}
+                out["results"].append(row)
+                log(f"  rank {str(r):4s} {method:8s} {rule:9s} norm. acc {row['test_norm_avg']:6.1f}  "
+                    f"(lambda {[s['lambda'] for s in per_seed]}, top_k {[s['top_k'] for s in per_seed]}, "
+                    f"{row['seconds']:.1f} s)")
+    out["claims"] = claims(out)
+    out["seconds"] = time.perf_counter() - t_start
+    return out
+
+
+def find(out: dict, method: str, rule: str, rank: int | None) -> dict | None:
+    for row in out["results"]:
+        if row["method"] == method and row["rule"] == rule and row["rank"] == rank:
+            return row
+    return None
+
+
+def claims(out: dict) -> list[dict]:
+    """CtM against MtC with the same rule, per rank, for TIES and DARE-TIES."""
+    rows = []
+    for rank in out["config"]["ranks"]:
+        for rule in ("ties", "dare_ties"):
+            a, b = find(out, "ctm", rule, rank), find(out, "mtc", rule, rank)
+            if a and b:
+                rows.append({"rank": rank, "rule": rule, "ctm": a["test_norm_avg"], "mtc": b["test_norm_avg"],
+                             "ctm_beats_mtc": a["test_norm_avg"] > b["test_norm_avg"]})
+    return rows
+
+
+def to_markdown(out: dict, meta: dict, zoo: Zoo) -> str:
+    names = out["tasks"]
+    short = [n.replace("_", " ") for n in names]
+    cfg = out["config"]
+    lines = ["# Merge quality on the digits LoRA zoo", "",
+             f"{meta['date']}, commit `{meta['commit']}`, {meta['machine']['cpu']} "
+             f"({meta['machine']['cores']} cores, {meta['machine']['torch_threads']} torch threads), "
+             f"torch {meta['versions']['torch']}. Run time {out['seconds']:.0f} s.", "",
+             f"Zoo: MLP 64-{zoo.config.hidden}-{zoo.config.hidden}-{zoo.config.hidden}, one rank-{zoo.config.rank} "
+             f"LoRA (alpha {zoo.config.alpha:g}) per task on fc1-fc3 and one head per task; {len(names)} tasks. "
+             f"Lambda grid {[round(x, 3) for x in cfg['lambdas']]}, top_k grid {list(cfg['top_ks'])} "
+             f"(TIES, DARE-TIES), DARE p={cfg['dare_p']} averaged over seeds {list(cfg['dare_seeds'])}; "
+             "chosen on validation by mean normalised accuracy, the same grids for every method. "
+             "Numbers: test accuracy of the merged model / the task's own adapter x 100.", ""]
+    ind = [["individual (abs. %)"] + list(out["individual_test_acc"]) +
+           [sum(out["individual_test_acc"]) / len(names)],
+           ["base + task heads (lambda 0)"] + list(out["lambda0_test_norm"]) +
+           [sum(out["lambda0_test_norm"]) / len(names)]]
+    lines += [markdown_table(["reference"] + short + ["avg"], ind), ""]
+    for rank in cfg["ranks"]:
+        lines += [f"## Merged rank {rank}", ""]
+        body = []
+        for rule in cfg["rules"]:
+            for method in cfg["methods"]:
+                row = find(out, method, rule, rank if method in RANKED else None)
+                if row:
+                    label = f"{rule} / {method}" + ("" if method in RANKED else " (no rank limit)")
+                    body.append([label] + row["test_norm"] + [row["test_norm_avg"]])
+        lines += [markdown_table(["rule / method"] + short + ["avg"], body), ""]
+        summary = []
+        for rule in cfg["rules"]:
+            cells = []
+            for method in cfg["methods"]:
+                row = find(out, method, rule, rank if method in RANKED else None)
+                cells.append(row["test_norm_avg"] if row else "n/a")
+            summary.append([rule] + cells)
+        lines += [f"Average normalised accuracy, rank {rank}:", "",
+                  markdown_table(["rule"] + [m + (" (no rank limit)" if m == "full" else "") for m in cfg["methods"]],
+                                 summary), ""]
+    lines += ["## CtM against MtC, same rule", ""]
+    lines += [markdown_table(["rank", "rule", "CtM", "MtC", "CtM better"],
+                             [[c["rank"], c["rule"], c["ctm"], c["mtc"], "yes" if c["ctm_beats_mtc"] else "no"]
+                              for c in out["claims"]]), ""]
+    if out["skipped"]:
+        lines += ["Not run:", ""] + [f"* {s['rule']} / {s['method']} (rank {s['rank']}): {s['reason']}"
+                                      for s in out["skipped"]] + [""]
+    lines += ["CtM subspace search (engine, tol "
+              f"{cfg['tol']:g}): iterations per layer " + "; ".join(
+                  f"rank {r}: {[l['iterations'] for l in v]}" for r, v in out["ctm_subspace"].items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="rank 8 only, fewer rules, smaller grids (< 2 min)")
+    parser.add_argument("--retrain", action="store_true", help="train the zoo again (and overwrite it) first")
+    parser.add_argument("--zoo", type=Path, default=ZOO_DIR)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: these ops are too small to gain from more)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    data = Digits()
+    if args.retrain or not (args.zoo / "manifest.json").is_file():
+        save_zoo(train_zoo(ZooConfig(), data), args.zoo)
+    zoo = load_zoo(args.zoo)
+    out = run(zoo, data, QUICK if args.quick else RunConfig())
+    meta = metadata()
+    out["wall_seconds"] = time.perf_counter() - t0
+    stem = "quality_digits_quick" if args.quick else "quality_digits"
+    write_json(args.out / f"{stem}.json", {"meta": meta, "zoo": {"config": asdict(zoo.config), "stats": zoo.stats},
+                                          **out})
+    (args.out / f"{stem}.md").write_text(to_markdown(out, meta, zoo))
+    print(f"wrote {args.out / stem}.json and .md ({out['wall_seconds']:.0f} s)")
+    for c in out["claims"]:
+        print(f"rank {c['rank']} {c['rule']}: CtM {c['ctm']:.1f} vs MtC {c['mtc']:.1f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""One interface over the four ways of merging a model's adapters that the quality benchmarks compare.
+
+* ``ctm``: Compress-then-Merge with the engine (``ctm_kernels.prepare_layers``; the subspace
+  is found once per rank, every rule then costs one re-merge);
+* ``mtc``: Merge-then-Compress (``ctm_kernels.reference.mtc``: full-parameter merge, then
+  truncated SVD to the rank);
+* ``core_mtc``: core-space Merge-then-Compress (``ctm_kernels.reference.core_mtc``);
+* ``full``: full-parameter merging (``ctm_kernels.reference.full_merge``, no rank limit).
+
+Every method returns, per layer, the dense merged update ``[m, n]`` at scale 1: the global
+scale lambda multiplies the rule's result (DESIGN section 4) and commutes with the rank
+truncation, so a lambda search multiplies this one update instead of merging again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import ctm_kernels
+from ctm_kernels import reference
+
+METHODS = ("ctm", "mtc", "core_mtc", "full")
+RANKED = ("ctm", "mtc", "core_mtc")
+
+
+@dataclass
+class LayerFactors:
+    """One layer's adapters: ``A[t] [r_t, n]``, ``B[t] [m, r_t]``, LoRA scaling ``scales[t]``."""
+
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+    scales: list[float]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B[0].shape[0], self.A[0].shape[1]
+
+    @property
+    def total_rank(self) -> int:
+        return sum(a.shape[0] for a in self.A)
+
+
+def rule_validity(method: str, rule: str, layers: list[LayerFactors], rank: int) -> str | None:
+    """Why ``rule`` cannot run for ``method`` at ``rank`` (None when it can).
+
+    Iso-CTS keeps a common subspace of ``d - T`` directions of the summed update, ``d`` the
+    smaller side of the space it merges in (``rank`` for CtM, the core for core-space MtC,
+    ``min(m, n)`` for dense merges). It needs ``T < d``; in the dense space it also needs the
+    sum to have ``d - T`` directions: a sum of LoRA updates has rank at most ``R = sum r_t``,
+    and beyond that the rule would fill the common subspace with arbitrary null-space vectors.
+    """
+    if rule != "iso_cts":
+        return None
+    T = len(layers[0].A)
+    for i, layer in enumerate(layers):
+        d = {"ctm": rank, "core_mtc": layer.total_rank}.get(method, min(layer.shape))
+        if T >= d:
+            return f"iso_cts needs T < d (layer {i}: T={T}, d={d})"
+        if method in ("mtc", "full") and d - T > layer.total_rank:
+            return (f"iso_cts in the dense space needs a common subspace of d - T = {d - T} directions "
+                    f"but the summed LoRA updates of layer {i} have rank <= {layer.total_rank}")
+    return None
+
+
+class Merger:
+    """Merges one model's adapters (a list of layers) with any method, rule and rank."""
+
+    def __init__(self, layers: list[LayerFactors], *, tol: float = 1e-4, max_iter: int = 1000):
+        self.layers = layers
+        self.tol, self.max_iter = tol, max_iter
+        self.dense = [reference.dense_updates(l.A, l.B, l.scales) for l in layers]  # [T, m, n] fp64 each
+        self._plans: dict[int, list] = {}
+
+    def plans(self, rank: int) -> list:
+        """The engine's CtM plans at ``rank`` (subspace search done once, then cached)."""
+        if rank not in self._plans:
+            self._plans[rank] = ctm_kernels.prepare_layers(
+                [(l.A, l.B, l.scales) for l in self.layers], rank=rank, tol=self.tol, max_iter=self.max_iter)
+        return self._plans[rank]
+
+    def merge(self, method: str, rule: str, rank: int | None, **params) -> list[torch.Tensor]:
+        """Per layer, the merged update ``[m, n]`` (float64, lambda = 1).
+
+        DARE draws one mask per layer from ``seed + layer * stride`` in every method (the engine
+        does this itself for a batch of layers; the dense baselines merge one layer at a time)."""
+        if method not in METHODS:
+            raise ValueError(f"merging.py: unknown method {method!r}; expected one of {METHODS}")
+        if method in RANKED and rank is None:
+            raise ValueError(f"merging.py: method {method!r} needs a rank")
+        if method == "ctm":
+            return [p.merge(rule, scale=1.0, **params).delta.double() for p in self.plans(rank)]
+        out = []
+        for i, (layer, dW) in enumerate(zip(self.layers, self.dense)):
+            p = dict(params)
+            if "seed" in p:
+                p["seed"] = p["seed"] + i * ctm_kernels.rules.DARE_LAYER_STRIDE
+            if method == "full":
+                out.append(reference.full_merge(dW, rule, **p))
+            elif method == "mtc":
+                B, A = reference.mtc(dW, rank, rule, **p)
+                out.append(B @ A)
+            else:
+                B, A = reference.core_mtc(layer.A, layer.B, rank, rule, scales=layer.scales, **p)
+                out.append(B @ A)
+        return out

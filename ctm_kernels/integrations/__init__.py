@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported on use: ``ctm_kernels.integrations.peft``)."""

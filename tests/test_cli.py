@@ -1,0 +1,327 @@
+"""The ``ctm`` command: merge and inspect, output formats, exit codes, every bad input."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctm_kernels import api
+from ctm_kernels.cli import main
+
+P = "base_model.model."
+
+
+def _pair(m, n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, n, generator=g), torch.randn(m, r, generator=g)
+
+
+def peft_folder(path: Path, modules: dict, config: dict | None = None, extra: dict | None = None) -> Path:
+    """PEFT adapter folder; ``modules`` maps module path -> (A [r, n], B [m, r])."""
+    path.mkdir(parents=True)
+    t = {}
+    for name, (A, B) in modules.items():
+        t[f"{P}{name}.lora_A.weight"], t[f"{P}{name}.lora_B.weight"] = A, B
+    t.update(extra or {})
+    save_file(t, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "r": next(iter(modules.values()))[0].shape[0], "lora_alpha": 8,
+           "target_modules": sorted({k.rsplit(".", 1)[-1] for k in modules}), "base_model_name_or_path": "tiny"}
+    cfg.update(config or {})
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def kohya_file(path: Path, modules: dict, alphas: dict) -> Path:
+    t = {}
+    for name, (A, B) in modules.items():
+        t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"] = A, B
+        if name in alphas:
+            t[f"{name}.alpha"] = torch.tensor(float(alphas[name]))
+    save_file(t, str(path))
+    return path
+
+
+def peft_updates(folder: Path) -> dict[str, torch.Tensor]:
+    """Per module path, the update PEFT applies (scale * B @ A, conv flattened)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert not cfg.get("rank_pattern") and not cfg.get("use_rslora")
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    out = {}
+    for k, A in sd.items():
+        if k.endswith(".lora_A.weight"):
+            B = sd[k.replace("lora_A", "lora_B")]
+            s = cfg["lora_alpha"] / cfg["r"]
+            out[k[len(P):-len(".lora_A.weight")]] = s * B.reshape(B.shape[0], -1).double() @ A.reshape(A.shape[0], -1).double()
+    return out
+
+
+def kohya_updates(path: Path) -> dict[str, torch.Tensor]:
+    sd = load_file(str(path))
+    out = {}
+    for k, A in sd.items():
+        if k.endswith(".lora_down.weight"):
+            name = k[: -len(".lora_down.weight")]
+            B = sd[f"{name}.lora_up.weight"]
+            alpha = sd[f"{name}.alpha"].item() if f"{name}.alpha" in sd else A.shape[0]
+            out[name] = alpha / A.shape[0] * B.reshape(B.shape[0], -1).double() @ A.reshape(A.shape[0], -1).double()
+    return out
+
+
+@pytest.fixture
+def three(tmp_path):
+    """Three PEFT adapters: different ranks, alphas (one rsLoRA), modules."""
+    a = peft_folder(tmp_path / "a", {"model.layers.0.q_proj": _pair(16, 24, 4, 0),
+                                     "model.layers.0.v_proj": _pair(8, 24, 4, 1)}, {"lora_alpha": 8})
+    b = peft_folder(tmp_path / "b", {"model.layers.0.q_proj": _pair(16, 24, 6, 2),
+                                     "model.layers.1.q_proj": _pair(16, 24, 6, 3)},
+                    {"lora_alpha": 12, "use_rslora": True})
+    c = peft_folder(tmp_path / "c", {"model.layers.0.v_proj": _pair(8, 24, 2, 4),
+                                     "model.layers.1.q_proj": _pair(16, 24, 2, 5)}, {"lora_alpha": 1})
+    return [a, b, c]
+
+
+# ------------------------------------------------------------------------------------------
+# success paths
+
+
+def test_merge_writes_peft_folder_and_summary(three, tmp_path, capsys):
+    out = tmp_path / "merged"
+    rc = main(["merge", *map(str, three), "-o", str(out), "--rank", "4", "--method", "ties", "--top-k", "0.5",
+               "--weights", "1,0.5,2"])
+    assert rc == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["peft_type"]) == (4, 4, False, "LORA")
+    assert cfg["target_modules"] == ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj"]
+    assert cfg["base_model_name_or_path"] == "tiny"
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    assert sd[f"{P}model.layers.0.v_proj.lora_A.weight"].shape == (4, 24)
+    assert sd[f"{P}model.layers.0.v_proj.lora_B.weight"].shape == (8, 4)
+    # same numbers as the Python API (the CLI adds nothing of its own)
+    res = api.merge(three, rank=4, method="ties", top_k=0.5, weights=[1, 0.5, 2])
+    for mm in res.modules:
+        torch.testing.assert_close(sd[f"{P}{mm.name}.lora_A.weight"], mm.A)
+    text = capsys.readouterr().out
+    assert "merged 3 adapters into 3 modules at rank 4 with ties (top_k=0.5)" in text
+    for folder, kept in zip(three, res.energy_kept):
+        assert f"{folder}/adapter_model.safetensors" in text and f"{100 * kept:6.2f} %" in text
+
+
+def test_base_model_dropped_when_inputs_disagree(three, tmp_path):
+    cfg = json.loads((three[2] / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "other"
+    (three[2] / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["merge", *map(str, three), "-o", str(tmp_path / "m"), "--rank", "2", "-q"]) == 0
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_overwrite(three, tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["merge", str(three[0]), "-o", str(out), "--rank", "2", "-q"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already exists (use --overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--method", "sum"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "m"]
+
+
+def test_inspect(three, tmp_path, capsys):
+    k = kohya_file(tmp_path / "k.safetensors", {"lora_unet_x": _pair(6, 10, 3, 0)}, {"lora_unet_x": 1.5})
+    assert main(["inspect", str(three[1]), str(k)]) == 0
+    text = capsys.readouterr().out
+    assert "b/adapter_model.safetensors: peft, 2 modules, ranks [6], dtypes ['float32'], 480 parameters, rsLoRA" in text
+    assert "model.layers.1.q_proj" in text and f"{12 / math.sqrt(6):.4g}" in text
+    assert "k.safetensors: kohya, 1 modules, ranks [3], dtypes ['float32'], 48 parameters" in text
+    assert main(["inspect", "--json", str(k)]) == 0
+    rep = json.loads(capsys.readouterr().out)[0]
+    assert rep["modules"][0] == {"name": "lora_unet_x", "kind": "linear", "out": 6, "in": 10, "rank": 3,
+                                 "alpha": 1.5, "scale": 0.5, "dtype": "float32", "params": 48}
+
+
+def test_kohya_round_trip(tmp_path):
+    mods = {"lora_unet_blocks_0_to_q": _pair(12, 20, 4, 0), "lora_unet_blocks_0_conv": None}
+    g = torch.Generator().manual_seed(9)
+    mods["lora_unet_blocks_0_conv"] = (torch.randn(4, 3, 3, 3, generator=g), torch.randn(5, 4, 1, 1, generator=g))
+    k = kohya_file(tmp_path / "in.safetensors", mods, {"lora_unet_blocks_0_to_q": 2.0, "lora_unet_blocks_0_conv": 8})
+    want = kohya_updates(k)
+    # kohya in, PEFT out
+    assert main(["merge", str(k), "-o", str(tmp_path / "peft"), "--rank", "4", "--method", "sum", "-q"]) == 0
+    got = peft_updates(tmp_path / "peft")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+    conv = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))[f"{P}lora_unet_blocks_0_conv.lora_A.weight"]
+    assert conv.shape == (4, 3, 3, 3)
+    # PEFT in, kohya out: the names come back unchanged
+    assert main(["merge", str(tmp_path / "peft"), "-o", str(tmp_path / "out.safetensors"), "--format", "kohya",
+                 "--rank", "4", "--method", "sum", "-q"]) == 0
+    back = kohya_updates(tmp_path / "out.safetensors")
+    assert sorted(back) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(back[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_peft_in_kohya_out_names_and_updates(three, tmp_path):
+    out = tmp_path / "k.safetensors"
+    assert main(["merge", str(three[1]), "-o", str(out), "--format", "kohya", "--rank", "6", "--method", "sum",
+                 "--kohya-prefix", "lora_te", "-q"]) == 0
+    got = kohya_updates(out)
+    want = {f"lora_te_{k.replace('.', '_')}": v for k, v in peft_updates_rs(three[1]).items()}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+def peft_updates_rs(folder: Path):
+    """Updates of an rsLoRA PEFT folder (alpha / sqrt(r))."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    return {k[len(P):-len(".lora_A.weight")]: cfg["lora_alpha"] / math.sqrt(A.shape[0]) *
+            sd[k.replace("lora_A", "lora_B")].double() @ A.double()
+            for k, A in sd.items() if k.endswith(".lora_A.weight")}
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: exit 2, one line naming the file and the key, no output
+
+
+def _bad(name, tmp_path):
+    """Build the bad-input case ``name``; returns (argv adapters + options, expected substrings)."""
+    ok = peft_folder(tmp_path / "ok", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2})
+    if name == "missing-file":
+        return [str(tmp_path / "nope")], [f"{tmp_path / 'nope'}: no such file"]
+    if name == "corrupt-safetensors":
+        (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+        return [str(tmp_path / "bad.safetensors")], ["bad.safetensors: not a valid safetensors file"]
+    if name == "truncated-safetensors":
+        f = peft_folder(tmp_path / "t", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2})
+        data = (f / "adapter_model.safetensors").read_bytes()
+        (f / "adapter_model.safetensors").write_bytes(data[:-20])
+        return [str(f)], ["t/adapter_model.safetensors: not a valid safetensors file"]
+    if name == "missing-config":
+        f = peft_folder(tmp_path / "nc", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2})
+        (f / "adapter_config.json").unlink()
+        return [str(f)], ["nc/adapter_config.json: missing"]
+    if name == "shape-mismatch":
+        f = peft_folder(tmp_path / "sm", {"model.q_proj": _pair(6, 8, 2, 0)}, {"r": 2})
+        return [str(ok), str(f)], ["sm/adapter_model.safetensors", f"{P}model.q_proj.lora_A.weight",
+                                   "ok/adapter_model.safetensors"]
+    if name in ("nan", "inf"):
+        A, B = _pair(8, 8, 2, 1)
+        B[3, 1] = float("nan") if name == "nan" else float("inf")
+        f = peft_folder(tmp_path / name, {"model.q_proj": (A, B), "model.a_first": _pair(8, 8, 2, 2)}, {"r": 2})
+        return [str(ok), str(f)], [f"{name}/adapter_model.safetensors", f"{P}model.q_proj.lora_B.weight",
+                                   "NaN" if name == "nan" else "Inf"]
+    if name == "dora":
+        f = peft_folder(tmp_path / "d", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2, "use_dora": True},
+                        {f"{P}model.q_proj.lora_magnitude_vector": torch.ones(8)})
+        return [str(f)], ["d/adapter_config.json: use_dora: DoRA"]
+    if name == "dora-key":
+        f = peft_folder(tmp_path / "d", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2},
+                        {f"{P}model.q_proj.lora_magnitude_vector": torch.ones(8)})
+        return [str(f)], [f"d/adapter_model.safetensors: {P}model.q_proj.lora_magnitude_vector: DoRA"]
+    if name == "bias":
+        f = peft_folder(tmp_path / "b", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2, "bias": "all"},
+                        {f"{P}model.q_proj.base_layer.bias": torch.ones(8)})
+        return [str(f)], [f"b/adapter_model.safetensors: {P}model.q_proj.base_layer.bias: trained bias"]
+    if name == "lora-bias":
+        f = peft_folder(tmp_path / "b", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2, "lora_bias": True},
+                        {f"{P}model.q_proj.lora_B.bias": torch.ones(8)})
+        return [str(f)], ["b/adapter_config.json: lora_bias:"]
+    if name == "modules-to-save":
+        f = peft_folder(tmp_path / "mts", {"model.q_proj": _pair(8, 8, 2, 0)},
+                        {"r": 2, "modules_to_save": ["lm_head"]}, {f"{P}lm_head.weight": torch.ones(8, 8)})
+        return [str(f)], ["mts/adapter_config.json: modules_to_save:"]
+    if name == "full-weight-key":
+        f = peft_folder(tmp_path / "fw", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2},
+                        {f"{P}lm_head.weight": torch.ones(8, 8)})
+        return [str(f)], [f"fw/adapter_model.safetensors: {P}lm_head.weight: not a LoRA factor"]
+    if name == "bin-folder":
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "adapter_config.json").write_text(json.dumps({"r": 2}))
+        torch.save({"x": torch.ones(1)}, tmp_path / "bin" / "adapter_model.bin")
+        return [str(tmp_path / "bin")], ["bin/adapter_model.bin: pickled weights"]
+    if name == "bin-file":
+        torch.save({"x": torch.ones(1)}, tmp_path / "lora.bin")
+        return [str(tmp_path / "lora.bin")], ["lora.bin: pickled weights"]
+    if name == "unknown-method":
+        return [str(ok), "--method", "nope"], ["unknown merge method 'nope'"]
+    if name == "method-param":
+        return [str(ok), "--method", "sum", "--top-k", "0.3"], ["method 'sum' takes no parameter 'top_k'"]
+    if name == "bad-top-k":
+        return [str(ok), "--top-k", "1.5"], ["top_k=1.5 is invalid"]
+    if name == "rank-zero":
+        return [str(ok), "--rank", "0"], ["rank must be a positive integer, got 0"]
+    if name == "rank-too-big":
+        return [str(ok), "--rank", "9"], ["ok/adapter_model.safetensors", f"{P}model.q_proj.lora_A.weight",
+                                          "rank 9 exceeds min(m, n) = 8"]
+    if name == "rank-not-int":
+        return [str(ok), "--rank", "two"], ["--rank: invalid int value: 'two'"]
+    if name == "weights-count":
+        return [str(ok), "--weights", "1,2"], ["2 weights for 1 adapters"]
+    if name == "weights-text":
+        return [str(ok), "--weights", "1,x"], ["expected comma-separated numbers"]
+    if name == "kohya-output-name":
+        return [str(ok), "--format", "kohya"], ["--format kohya the output is one file ending in .safetensors"]
+    if name == "cuda-missing" and not torch.cuda.is_available():
+        return [str(ok), "--device", "cuda"], ["CUDA is not available"]
+    if name == "bad-dtype":
+        return [str(ok), "--dtype", "int8"], ["--dtype: invalid choice: 'int8'"]
+    raise AssertionError(name)
+
+
+BAD = ["missing-file", "corrupt-safetensors", "truncated-safetensors", "missing-config", "shape-mismatch", "nan",
+       "inf", "dora", "dora-key", "bias", "lora-bias", "modules-to-save", "full-weight-key", "bin-folder",
+       "bin-file", "unknown-method", "method-param", "bad-top-k", "rank-zero", "rank-too-big", "rank-not-int",
+       "weights-count", "weights-text", "kohya-output-name", "bad-dtype"]
+if not torch.cuda.is_available():
+    BAD.append("cuda-missing")
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_exit_2_one_line_no_output(case, tmp_path, capsys):
+    argv, expected = _bad(case, tmp_path)
+    outdir = tmp_path / "outputs"
+    outdir.mkdir()
+    out = outdir / "merged"
+    if "--rank" not in argv:
+        argv = argv + ["--rank", "2"]
+    rc = main(["merge", *argv, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for s in expected:
+        assert s in lines[0], (s, lines[0])
+    assert list(outdir.iterdir()) == []          # no output, no temporary leftovers
+
+
+def test_bad_input_in_inspect(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"ctm: error: {tmp_path / 'nope'}: no such file or folder"
+
+
+def test_internal_error_exit_1(three, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded\nsecond line")
+    monkeypatch.setattr(api, "merge_layers", boom)
+    rc = main(["merge", str(three[0]), "-o", str(tmp_path / "m"), "--rank", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.strip().splitlines() == ["ctm: internal error: RuntimeError: kernel exploded second line"]
+    assert not (tmp_path / "m").exists()
+    assert main(["--traceback", "merge", str(three[0]), "-o", str(tmp_path / "m"), "--rank", "2"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_usage_errors(capsys):
+    assert main([]) == 2
+    assert "required" in capsys.readouterr().err
+    assert main(["merge", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the following arguments are required: -o/--output, --rank" in err[0]
+    assert main(["--help"]) == 0
+    assert "merge" in capsys.readouterr().out

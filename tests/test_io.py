@@ -1,0 +1,463 @@
+"""Adapter readers and writers, streaming, atomic outputs, and ``ctm_kernels.merge`` on state dicts."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import ctm_kernels
+from ctm_kernels.api import merge
+from ctm_kernels.io import AdapterError, LazyTensor, open_adapter, plan_groups, plan_modules, write_safetensors
+from ctm_kernels.io.peft import pattern_key, read_peft
+from ctm_kernels.io.stream import DictStore, atomic_dir, atomic_file
+
+P = "base_model.model."
+
+
+def _pair(m, n, r, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, n, generator=g).to(dtype), torch.randn(m, r, generator=g).to(dtype)
+
+
+def peft_folder(path: Path, modules: dict, config: dict) -> Path:
+    """Write a PEFT adapter folder: ``modules`` maps module path -> (A [r, n], B [m, r])."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (A, B) in modules.items():
+        tensors[f"{P}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{P}{name}.lora_B.weight"] = B.contiguous()
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": sorted({k.split(".")[-1] for k in modules})}
+    cfg.update(config)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# PEFT scaling rules
+
+
+@pytest.mark.parametrize("module, patterns", [
+    ("model.layers.0.self_attn.q_proj", {"q_proj": 1, "v_proj": 2}),
+    ("model.layers.10.self_attn.q_proj", {"layers.1.self_attn.q_proj": 1}),
+    ("model.layers.1.self_attn.q_proj", {"layers.1.self_attn.q_proj": 1, "q_proj": 2}),
+    ("model.layers.1.self_attn.q_proj", {"q_proj": 2, "layers.1.self_attn.q_proj": 1}),
+    ("model.layers.3.mlp.down_proj", {r"layers\.[0-4]\..*down_proj": 5}),
+    ("model.layers.3.mlp.down_proj", {"proj": 5}),
+    ("model.layers.3.mlp.xdown_proj", {"down_proj": 5}),
+    ("down_proj", {"down_proj": 5}),
+], ids=["suffix", "no-partial-number", "specific-first", "generic-first", "regex", "partial-name",
+        "no-name-prefix", "bare-name"])
+def test_pattern_key_matches_peft(module, patterns):
+    get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
+
+    ours = pattern_key(patterns, module)
+    theirs = get_pattern_key(list(patterns), module)
+    # PEFT returns the module name itself when nothing matches (then .get falls back to r)
+    assert (ours if ours is not None else module) == theirs
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_scaling_with_patterns(tmp_path, rslora):
+    mods = {
+        "model.layers.0.self_attn.q_proj": _pair(16, 16, 4, 0),
+        "model.layers.1.self_attn.q_proj": _pair(16, 16, 2, 1),
+        "model.layers.0.self_attn.v_proj": _pair(8, 16, 4, 2),
+    }
+    cfg = {"r": 4, "lora_alpha": 8, "use_rslora": rslora,
+           "rank_pattern": {"layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"v_proj": 3}}
+    ad = read_peft(peft_folder(tmp_path / "a", mods, cfg))
+    norm = (lambda a, r: a / math.sqrt(r)) if rslora else (lambda a, r: a / r)
+    assert ad.modules["model.layers.0.self_attn.q_proj"].scale == pytest.approx(norm(8, 4))
+    assert ad.modules["model.layers.1.self_attn.q_proj"].scale == pytest.approx(norm(8, 2))
+    assert ad.modules["model.layers.0.self_attn.v_proj"].scale == pytest.approx(norm(3, 4))
+    assert ad.modules["model.layers.1.self_attn.q_proj"].rank == 2
+
+
+def test_rank_differs_from_config(tmp_path):
+    mods = {"model.layers.0.q_proj": _pair(8, 8, 2, 0)}
+    with pytest.raises(AdapterError, match=r"a/adapter_model.safetensors: .*q_proj.lora_A.weight: rank 2"):
+        read_peft(peft_folder(tmp_path / "a", mods, {"r": 4}))
+
+
+def test_factor_shapes_disagree(tmp_path):
+    A, _ = _pair(8, 8, 4, 0)
+    _, B = _pair(8, 8, 3, 1)
+    with pytest.raises(AdapterError, match=r"q_proj.lora_B.weight: shape \(8, 3\) does not match the rank 4"):
+        read_peft(peft_folder(tmp_path / "a", {"model.q_proj": (A, B)}, {}))
+
+
+def test_embedding_and_conv_keys(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {f"{P}embed.lora_embedding_A": torch.randn(4, 50, generator=g),
+         f"{P}embed.lora_embedding_B": torch.randn(16, 4, generator=g),
+         f"{P}embed.base_layer.weight": torch.randn(50, 16, generator=g),
+         f"{P}conv.lora_A.weight": torch.randn(4, 3, 3, 3, generator=g),
+         f"{P}conv.lora_B.weight": torch.randn(8, 4, 1, 1, generator=g)}
+    (tmp_path / "a").mkdir()
+    save_file(t, str(tmp_path / "a" / "adapter_model.safetensors"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 4}))
+    ad = read_peft(tmp_path / "a")
+    e, c = ad.modules["embed"], ad.modules["conv"]
+    assert (e.kind, e.out_features, e.in_features) == ("embedding", 16, 50)
+    assert (c.kind, c.out_features, c.in_features) == ("conv", 8, 27)
+    assert ad.passthrough == [f"{P}embed.base_layer.weight"]
+    A, B = ad.load(["conv"])["conv"]
+    assert A.shape == (4, 27) and B.shape == (8, 4)
+    assert torch.equal(A, t[f"{P}conv.lora_A.weight"].reshape(4, 27))
+
+
+def test_grouped_conv_refused(tmp_path):
+    # PEFT's lora_B of a conv with groups=2 is [out, r / groups, 1, 1]
+    t = {f"{P}conv.lora_A.weight": torch.ones(4, 8, 3, 3), f"{P}conv.lora_B.weight": torch.ones(8, 2, 1, 1)}
+    (tmp_path / "a").mkdir()
+    save_file(t, str(tmp_path / "a" / "adapter_model.safetensors"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(AdapterError, match=r"conv.lora_B.weight: shape \(8, 2, 1, 1\) does not match"):
+        read_peft(tmp_path / "a")
+
+
+def test_peft_state_dict_input_needs_config():
+    sd = {"m.lora_A.weight": torch.ones(2, 4), "m.lora_B.weight": torch.ones(4, 2)}
+    with pytest.raises(AdapterError, match="need their config"):
+        open_adapter(sd, label="x")
+    ad = open_adapter((sd, {"r": 2, "lora_alpha": 4, "use_rslora": True}), label="x")
+    assert ad.modules["m"].scale == pytest.approx(4 / math.sqrt(2))
+
+
+# ------------------------------------------------------------------------------------------
+# kohya
+
+
+def test_kohya_reader_alpha_and_default(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {"lora_unet_a.lora_down.weight": torch.randn(4, 10, generator=g),
+         "lora_unet_a.lora_up.weight": torch.randn(6, 4, generator=g),
+         "lora_unet_a.alpha": torch.tensor(2.0, dtype=torch.float16),
+         "lora_te_b.lora_down.weight": torch.randn(8, 10, generator=g),
+         "lora_te_b.lora_up.weight": torch.randn(6, 8, generator=g),
+         "lora_unet_c.lora_down.weight": torch.randn(4, 3, 3, 3, generator=g),
+         "lora_unet_c.lora_up.weight": torch.randn(5, 4, 1, 1, generator=g),
+         "lora_unet_c.alpha": torch.tensor([8.0])}
+    save_file(t, str(tmp_path / "k.safetensors"))
+    ad = open_adapter(tmp_path / "k.safetensors")
+    assert ad.format == "kohya"
+    assert ad.modules["lora_unet_a"].scale == pytest.approx(0.5)
+    assert ad.modules["lora_te_b"].scale == 1.0          # no alpha: alpha = rank
+    c = ad.modules["lora_unet_c"]
+    assert (c.kind, c.in_features, c.scale) == ("conv", 27, 2.0)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("lora_unet_a.dora_scale", "DoRA"),
+    ("lora_unet_a.lora_mid.weight", "lora_mid"),
+    ("lora_unet_a.hada_w1_a", "LoHa"),
+    ("lora_unet_a.lora_A.weight", "adapter_config.json"),
+], ids=["dora", "locon-mid", "loha", "peft-keys-without-config"])
+def test_kohya_refuses_other_networks(tmp_path, key, message):
+    t = {"lora_unet_a.lora_down.weight": torch.ones(2, 4), "lora_unet_a.lora_up.weight": torch.ones(4, 2),
+         key: torch.ones(4, 2)}
+    save_file(t, str(tmp_path / "k.safetensors"))
+    with pytest.raises(AdapterError, match=rf"k.safetensors: {key.replace('.', '[.]')}: .*{message}"):
+        open_adapter(tmp_path / "k.safetensors")
+
+
+# ------------------------------------------------------------------------------------------
+# safetensors writer, atomic outputs
+
+
+def test_write_safetensors_reads_back(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "c": torch.tensor(4.0), "d": torch.randn(2, 2, generator=g).half(), "e": torch.zeros(0, 3),
+               "f": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    lazy_src = torch.randn(4, 4, generator=g)
+    calls = []
+    lazy = LazyTensor(torch.float32, (4, 4), lambda: calls.append(1) or lazy_src)
+    write_safetensors(tmp_path / "x.safetensors", {**tensors, "lazy": lazy}, {"format": "pt", "n": 3})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert torch.equal(back["lazy"], lazy_src) and calls == [1]
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "n": "3"}
+
+
+def test_write_safetensors_checks_lazy_shape(tmp_path):
+    lazy = LazyTensor(torch.float32, (4, 4), lambda: torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="expected torch.float32 \\(4, 4\\)"):
+        write_safetensors(tmp_path / "x.safetensors", {"lazy": lazy})
+
+
+def test_atomic_dir_failure_leaves_nothing(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_overwrite_keeps_old_on_failure(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old").write_text("old")
+    with pytest.raises(ValueError, match="already exists"):
+        with atomic_dir(dest):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest, overwrite=True) as tmp:
+            (tmp / "new").write_text("new")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dest / "old").exists()
+    with atomic_dir(dest, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in dest.iterdir()) == ["new"]
+
+
+def test_atomic_file_failure_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_file(tmp_path / "x.safetensors") as tmp:
+            tmp.write_bytes(b"123")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------
+# merge() on state dicts: module union, scaling, streaming
+
+
+def _adapters(seed=0):
+    """Three PEFT state dicts with different ranks, alphas and modules (one rsLoRA)."""
+    shapes = {"model.layers.0.q": (24, 32), "model.layers.1.q": (24, 32), "model.layers.0.up": (40, 32),
+              "model.layers.1.up": (40, 32), "model.emb": (32, 60)}
+    plan = [({"r": 4, "lora_alpha": 8}, ["model.layers.0.q", "model.layers.1.q", "model.layers.0.up"]),
+            ({"r": 6, "lora_alpha": 6, "use_rslora": True}, ["model.layers.0.q", "model.layers.1.up", "model.emb"]),
+            ({"r": 2, "lora_alpha": 1, "rank_pattern": {"layers.1.q": 3}}, ["model.layers.1.q", "model.layers.0.up",
+                                                                             "model.layers.1.up"])]
+    out = []
+    for t, (cfg, mods) in enumerate(plan):
+        sd = {}
+        for j, name in enumerate(mods):
+            r = cfg.get("rank_pattern", {}).get(name.removeprefix("model."), cfg["r"])
+            m, n = shapes[name]
+            A, B = _pair(m, n, r, 100 * seed + 10 * t + j)
+            if name == "model.emb":
+                sd[f"{P}{name}.lora_embedding_A"], sd[f"{P}{name}.lora_embedding_B"] = A, B
+            else:
+                sd[f"{P}{name}.lora_A.weight"], sd[f"{P}{name}.lora_B.weight"] = A, B
+        out.append((sd, cfg))
+    return out
+
+
+def _factors(sd, name):
+    """(A, B) of module ``name`` in a PEFT state dict, or None."""
+    for a, b in ((f"{P}{name}.lora_A.weight", f"{P}{name}.lora_B.weight"),
+                 (f"{P}{name}.lora_embedding_A", f"{P}{name}.lora_embedding_B")):
+        if a in sd:
+            return sd[a], sd[b]
+    return None
+
+
+def _scale(cfg, r):
+    return cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def test_merge_matches_merge_layer_per_module():
+    ads = _adapters()
+    weights = [1.0, 0.5, 2.0]
+    res = merge(ads, rank=5, method="ties", weights=weights, top_k=0.5)
+    got = {mm.name: mm for mm in res.modules}
+    assert sorted(got) == sorted({"model.layers.0.q", "model.layers.1.q", "model.layers.0.up",
+                                  "model.layers.1.up", "model.emb"})
+    for name, mm in got.items():
+        A, B, s, w = [], [], [], []
+        for t, (sd, cfg) in enumerate(ads):
+            f = _factors(sd, name)
+            if f is not None:
+                A.append(f[0]), B.append(f[1]), s.append(_scale(cfg, f[0].shape[0])), w.append(weights[t])
+        ref = ctm_kernels.merge_layer(A, B, rank=5, method="ties", scales=s, weights=w, top_k=0.5)
+        assert len(A) == len(mm.info["adapters"])
+        torch.testing.assert_close(mm.update(), ref.B @ ref.A, rtol=1e-5, atol=1e-6)
+        assert mm.kind == ("embedding" if name == "model.emb" else "linear")
+
+
+def test_merge_sum_full_rank_is_exact():
+    # rank >= the summed ranks of every module: CtM with sum keeps every update exactly
+    ads = _adapters(seed=1)
+    res = merge(ads, rank=13, method="sum")
+    for mm in res.modules:
+        want = 0
+        for sd, cfg in ads:
+            f = _factors(sd, mm.name)
+            if f is not None:
+                want = want + _scale(cfg, f[0].shape[0]) * f[1].double() @ f[0].double()
+        torch.testing.assert_close(mm.update().double(), want, rtol=1e-5, atol=1e-5)
+    assert all(k == pytest.approx(1.0, abs=1e-6) for k in res.energy_kept)
+
+
+class _RecordingStore(DictStore):
+    """A state dict that records which tensors each read asks for."""
+
+    def __init__(self, tensors, label, log):
+        super().__init__(tensors, label)
+        self.log = log
+
+    def get(self, keys):
+        keys = list(keys)
+        self.log.append((self.label, keys, sum(self._t[k].numel() * self._t[k].element_size() for k in keys)))
+        return super().get(keys)
+
+
+def test_merge_streams_one_group_at_a_time():
+    ads = _adapters(seed=2)
+    log = []
+    opened = []
+    for i, (sd, cfg) in enumerate(ads):
+        ad = open_adapter((sd, cfg), label=f"ad{i}")
+        ad.store = _RecordingStore(sd, f"ad{i}", log)
+        opened.append(ad)
+    entries = plan_modules(opened)
+    budget = 2000                                      # bytes: one or two modules of a shape
+    groups = plan_groups(entries, budget)
+    assert len(groups) > len({e.first.shape_key for e in entries})   # the budget splits groups
+    ticks = []
+    res = merge(opened, rank=4, method="mean", max_group_bytes=budget,
+                progress=lambda done, total, desc: ticks.append((done, total)))
+    assert ticks == [(i + 1, len(groups)) for i in range(len(groups))]
+    # every factor read exactly once, in reads that each belong to one group within budget
+    read = [k for _, keys, _ in log for k in keys]
+    factor_keys = [k for sd, _ in ads for k in sd]
+    assert sorted(read) == sorted(factor_keys)
+    group_keys = [{k for e in g for _, s in e.specs for k in (s.a_key, s.b_key)} for g in groups]
+    per_group = {}
+    for label, keys, nbytes in log:
+        gi = next(i for i, gk in enumerate(group_keys) if set(keys) <= gk)
+        per_group[gi] = per_group.get(gi, 0) + nbytes
+    for gi, nbytes in per_group.items():
+        assert nbytes <= max(budget, max(sum(s.nbytes for _, s in e.specs) for e in groups[gi]))
+    assert len(res.modules) == len(entries)
+
+
+def test_merge_rejects_bad_options():
+    ads = _adapters()
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        merge(ads, rank=0)
+    with pytest.raises(ValueError, match="unknown merge method 'nope'"):
+        merge(ads, rank=4, method="nope")
+    with pytest.raises(ValueError, match="2 weights for 3 adapters"):
+        merge(ads, rank=4, weights=[1, 2])
+    with pytest.raises(ValueError, match=r"adapter\[1\]: .*model.emb.lora_embedding_A: rank 40 exceeds"):
+        merge(ads, rank=40)
+    with pytest.raises(ValueError, match="takes no parameter 'top_k'"):
+        merge(ads, rank=4, method="sum", top_k=0.3)
+
+
+def test_merge_shape_mismatch_between_adapters():
+    a = ({f"{P}m.lora_A.weight": torch.ones(2, 8), f"{P}m.lora_B.weight": torch.ones(6, 2)}, {"r": 2})
+    b = ({f"{P}m.lora_A.weight": torch.ones(2, 8), f"{P}m.lora_B.weight": torch.ones(5, 2)}, {"r": 2})
+    with pytest.raises(AdapterError, match=r"adapter\[1\]: base_model.model.m.lora_A.weight: module m is linear "
+                                           r"\[5, 8\] here but linear \[6, 8\] in adapter\[0\]"):
+        merge([a, b], rank=2)
+
+
+def test_merge_nan_names_key():
+    A, B = _pair(6, 8, 2, 0)
+    A[1, 3] = float("nan")
+    a = ({f"{P}m.lora_A.weight": A, f"{P}m.lora_B.weight": B}, {"r": 2})
+    with pytest.raises(AdapterError, match=r"adapter\[0\]: base_model.model.m.lora_A.weight: factor contains NaN"):
+        merge([a], rank=2)
+
+
+def test_result_state_dict_formats():
+    res = merge(_adapters()[:1], rank=2, method="sum")
+    sd = res.state_dict()
+    assert set(sd) == {f"{P}model.layers.{i}.{p}.lora_{x}.weight" for i, p in ((0, "q"), (1, "q"), (0, "up"))
+                       for x in "AB"}
+    ko = res.state_dict("kohya")
+    assert ko["lora_unet_model_layers_0_q.alpha"].item() == 2.0
+    torch.testing.assert_close(ko["lora_unet_model_layers_0_q.lora_down.weight"],
+                               sd[f"{P}model.layers.0.q.lora_A.weight"])
+    with pytest.raises(ValueError, match="unknown format"):
+        res.state_dict("diffusers")
+
+
+def test_embedding_passthrough_must_agree(tmp_path):
+    def folder(name, base):
+        g = torch.Generator().manual_seed(len(name))
+        t = {f"{P}e.lora_embedding_A": torch.randn(2, 10, generator=g),
+             f"{P}e.lora_embedding_B": torch.randn(4, 2, generator=g), f"{P}e.base_layer.weight": base}
+        (tmp_path / name).mkdir()
+        save_file(t, str(tmp_path / name / "adapter_model.safetensors"))
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2}))
+        return tmp_path / name
+
+    base = torch.randn(10, 4)
+    res = merge([folder("a", base), folder("b", base.clone())], rank=2, method="sum")
+    res.save(tmp_path / "out")
+    assert torch.equal(load_file(str(tmp_path / "out" / "adapter_model.safetensors"))[f"{P}e.base_layer.weight"], base)
+    res = merge([folder("c", base), folder("d", base + 1)], rank=2, method="sum")
+    with pytest.raises(AdapterError, match=r"d/adapter_model.safetensors: base_model.model.e.base_layer.weight: differs"):
+        res.save(tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    with pytest.raises(ValueError, match="no kohya representation"):
+        res.save(tmp_path / "k.safetensors", format="kohya")
+
+
+def test_merge_group_whose_modules_converge_at_different_steps():
+    # two same-shape modules solved as one batch: "low" (adapters of effective rank 2 under
+    # rank-8 factors) converges at once, "full" takes many steps; the early one must not
+    # break the batch
+    g = torch.Generator().manual_seed(0)
+    ads = []
+    for t in range(2):
+        sd = {}
+        for name, eff in (("low", 2), ("full", 8)):
+            A, B = torch.randn(8, 32, generator=g), torch.randn(24, 8, generator=g)
+            B[:, eff:] = 0
+            sd[f"{P}{name}.lora_A.weight"], sd[f"{P}{name}.lora_B.weight"] = A, B
+        ads.append((sd, {"r": 8, "lora_alpha": 8}))
+    res = merge(ads, rank=6, method="ties")
+    for mm in res.modules:
+        A = [sd[f"{P}{mm.name}.lora_A.weight"] for sd, _ in ads]
+        B = [sd[f"{P}{mm.name}.lora_B.weight"] for sd, _ in ads]
+        ref = ctm_kernels.merge_layer(A, B, rank=6, method="ties", scales=[1.0, 1.0])
+        assert mm.info["iterations"] == ref.info.iterations
+        torch.testing.assert_close(mm.update(), ref.B @ ref.A, rtol=1e-5, atol=1e-6)
+
+
+def test_dare_masks_do_not_depend_on_group_sizes():
+    ads = _adapters(seed=3)
+    whole = merge(ads, rank=4, method="dare", p=0.5, seed=7)
+    split = merge(ads, rank=4, method="dare", p=0.5, seed=7, max_group_bytes=1)   # one module per group
+    again = merge(ads, rank=4, method="dare", p=0.5, seed=7)
+    other = merge(ads, rank=4, method="dare", p=0.5, seed=8)
+    for a, b, c, d in zip(whole.modules, split.modules, again.modules, other.modules):
+        assert torch.equal(a.A, c.A) and torch.equal(a.B, c.B)
+        torch.testing.assert_close(a.update(), b.update(), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(a.update(), d.update())
+
+
+@pytest.mark.parametrize("dtypes, requested, expected", [
+    ((torch.bfloat16, torch.bfloat16), None, torch.bfloat16),
+    ((torch.bfloat16, torch.float16), None, torch.float32),     # no common half type: promote
+    ((torch.float32, torch.float32), "bf16", torch.bfloat16),
+], ids=["keep-bf16", "mixed-halves", "requested"])
+def test_merge_dtype(dtypes, requested, expected):
+    ads = []
+    for t, dt in enumerate(dtypes):
+        A, B = _pair(24, 32, 4, t, dt)
+        ads.append(({f"{P}m.lora_A.weight": A, f"{P}m.lora_B.weight": B}, {"r": 4, "lora_alpha": 4}))
+    res = merge(ads, rank=8, method="sum", dtype=requested)
+    mm = res.modules[0]
+    assert mm.A.dtype == mm.B.dtype == expected
+    want = sum(B.double() @ A.double() for A, B in (_pair(24, 32, 4, t, dt) for t, dt in enumerate(dtypes)))
+    torch.testing.assert_close(mm.update().double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
