@@ -2,11 +2,17 @@
 
 Exit status: 0 on success; 2 for bad input or usage (one line on stderr, no traceback);
 1 for anything else (one line, ``ctm --traceback ...`` shows the traceback).
+
+``torchrun --nproc_per_node=N -m ctm_kernels merge ...`` merges on N processes: the command
+sets up the process group itself (gloo for CPU merges, nccl with ``--device cuda``, each rank
+on the GPU of its local rank), shares the module groups out and writes one output from rank 0.
+Only rank 0 prints; an error on any rank fails every rank.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
@@ -69,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor dtype of the merge and the output (default: the inputs')")
     m.add_argument("--max-group-mb", type=int, default=DEFAULT_GROUP_BYTES // 2**20, dest="max_group_mb",
                    metavar="MB", help="most input factor memory read at once (default %(default)s)")
+    m.add_argument("--no-prefetch", action="store_false", dest="prefetch",
+                   help="read each module group only when the previous one is merged (default: the next "
+                   "group is read on a background thread while this one is merged)")
+    m.add_argument("--report", metavar="FILE", help="write the merge report (share kept per adapter, "
+                   "iterations, time, bytes and seconds read, peak memory) as JSON to FILE")
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
@@ -91,15 +102,67 @@ def _cmd_merge(args) -> int:
     out = Path(args.output)
     if (out.exists() or out.is_symlink()) and not args.overwrite:
         raise UsageError(f"ctm merge: {out}: already exists (use --overwrite to replace it)")
-    result = merge(args.adapters, rank=args.rank, method=args.method, weights=args.weights, beta=args.beta,
-                   scale=args.scale, tol=args.tol, max_iter=args.max_iter, device=args.device,
-                   dtype=None if args.dtype == "auto" else args.dtype,
-                   max_group_bytes=args.max_group_mb * 2**20, progress=not args.quiet, **rule_params)
-    result.save(out, format=args.format, overwrite=args.overwrite, kohya_prefix=args.kohya_prefix)
-    if not args.quiet:
-        print(result.summary())
-        print(f"wrote {out} ({args.format})")
+    if args.report is not None and not Path(args.report).resolve().parent.is_dir():
+        raise UsageError(f"ctm merge: --report: no such directory for {args.report}")
+    with _process_group(args.device) as (rank, device):
+        result = merge(args.adapters, rank=args.rank, method=args.method, weights=args.weights, beta=args.beta,
+                       scale=args.scale, tol=args.tol, max_iter=args.max_iter, device=device,
+                       dtype=None if args.dtype == "auto" else args.dtype,
+                       max_group_bytes=args.max_group_mb * 2**20, progress=not args.quiet and rank == 0,
+                       output=out, format=args.format, overwrite=args.overwrite, kohya_prefix=args.kohya_prefix,
+                       prefetch=args.prefetch, **rule_params)
+    if rank == 0:
+        if args.report is not None:
+            Path(args.report).write_text(json.dumps(result.report(), indent=2) + "\n")
+        if not args.quiet:
+            print(result.summary())
+            print(f"wrote {out} ({args.format})")
     return EXIT_OK
+
+
+def _launched_ranks() -> tuple[int, int]:
+    """``(rank, world size)`` set by torchrun (``(0, 1)`` otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+class _process_group:
+    """Under torchrun (WORLD_SIZE > 1) and no process group yet: create one for the merge
+    (nccl for a CUDA merge, each rank on the GPU of its LOCAL_RANK; gloo otherwise) and destroy
+    it afterwards. Yields ``(rank, device)``."""
+
+    def __init__(self, device):
+        self.device = device
+        self.created = False
+
+    def __enter__(self):
+        rank, world = _launched_ranks()
+        if world <= 1:
+            return 0, self.device
+        import torch
+        import torch.distributed as dist
+
+        from .api import _check_device
+
+        device = _check_device(self.device)          # a missing CUDA fails here, before any rendezvous
+        if dist.is_initialized():
+            return dist.get_rank(), device
+        if device is not None and device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        self.created = True
+        return dist.get_rank(), device
+
+    def __exit__(self, *exc):
+        if self.created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
 def _cmd_inspect(args) -> int:
@@ -133,16 +196,22 @@ def _one_line(e: BaseException) -> str:
 def main(argv=None) -> int:
     """Run ``ctm`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     show_tb = "--traceback" in (sys.argv[1:] if argv is None else argv)
+    rank, world = _launched_ranks()
+    # under torchrun every rank sees the same bad input, and an error on one rank is raised on
+    # all of them naming that rank: rank 0 reports it, once
+    speak = rank == 0
     try:
         args = build_parser().parse_args(argv)
         return _cmd_merge(args) if args.command == "merge" else _cmd_inspect(args)
     except SystemExit as e:                      # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
     except UsageError as e:
-        print(_one_line(e), file=sys.stderr)
+        if speak:
+            print(_one_line(e), file=sys.stderr)
         return EXIT_USAGE
     except ValueError as e:                      # bad input: adapters, rank, method, options
-        print(f"ctm: error: {_one_line(e)}", file=sys.stderr)
+        if speak:
+            print(f"ctm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ctm: interrupted", file=sys.stderr)
@@ -150,7 +219,8 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - anything else: one line, status 1
         if show_tb:
             traceback.print_exc()
-        print(f"ctm: internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        where = f"[rank {rank}] " if world > 1 else ""
+        print(f"ctm: {where}internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAIL
 
 

@@ -42,6 +42,9 @@ from .ops import gram as gram_op
 from .ops import lift as lift_op
 from .ops import project as project_op
 from .reference import NULL_RTOL, canonical_signs, sin_angle, subspace_weights
+from .reference import balanced_factors as ref_balanced_factors
+from .reference import dense_updates as ref_dense_updates
+from .reference import tucker2 as ref_tucker2
 from .rules import apply_rule, resolve_params
 
 SOLVE_DTYPE = torch.float64
@@ -159,42 +162,115 @@ def _check_solver(tol, max_iter, beta):
 # the small problem (float64, batched over layers)
 
 
-def _whiten(G, rtol):
-    """``G [L, R, R]`` -> (``Rf [L, R, R]`` with ``Rf^T Rf = G``, ``Winv [L, R, R]`` with
-    ``Rf Winv`` = projector on the kept directions). Dropped directions become zero rows."""
+@dataclass
+class _Side:
+    """One side (B or A) of a group in whitened form: ``F = O Rf`` with ``O`` orthonormal
+    (never formed), ``F`` the scaled ``Bh`` ``[L, d, R]`` or ``Ah^T``.
+
+    ``Rf [L, k, R]`` (``Rf^T Rf = F^T F``, dropped directions as zero rows), ``W [L, R, k]``
+    with ``F W = O`` on the kept directions, ``blocks [L, T, rb, rb]`` the diagonal blocks
+    of ``F^T F`` and ``G [L, R, R]`` the whole Gram where it was built."""
+    Rf: torch.Tensor
+    W: torch.Tensor
+    blocks: torch.Tensor
+    G: torch.Tensor | None
+
+
+def _diag_blocks(G, T):
+    L, R, _ = G.shape
+    rb = R // T
+    idx = torch.arange(T, device=G.device)
+    return G.reshape(L, T, rb, T, rb)[:, idx, :, idx].permute(1, 0, 2, 3)   # [L, T, rb, rb]
+
+
+def _whiten_inner(G, T, rtol):
+    """From the ``R x R`` Gram: ``G = Q diag(lam) Q^T``, ``Rf = diag(sqrt lam) Q^T``."""
     lam, Q = eig_op.eigh_batched(G)
     keep = lam > rtol * lam[:, -1:].clamp(min=0)
     root = torch.where(keep, lam.clamp(min=0).sqrt(), 0.0)
     inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
-    return (Q * root[:, None, :]).mT, Q * inv[:, None, :]
+    return _Side((Q * root[:, None, :]).mT, Q * inv[:, None, :], _diag_blocks(G, T), G)
 
 
-def _half_step(Rx, Ry, V, T, rank):
-    """Top-``rank`` eigenvectors of ``sum_t Rx_t (Ry_t^T V)(Ry_t^T V)^T Rx_t^T`` with
-    ``Rx, Ry [L, R, R]`` (blocks of ``rb`` columns per adapter, c_t folded into Ry) and
-    ``V [L, R, r]`` -> (eigenvalues ``[L, r]``, ``U [L, R, r]`` with null columns zeroed)."""
-    L, R, _ = Rx.shape
+def _whiten_outer(F, T, rtol):
+    """From the ``d x d`` outer Gram when ``R > d``: ``F F^T = O diag(lam) O^T``,
+    ``Rf = O^T F`` (``[L, d, R]``): memory ``O(d R)``, no ``R x R`` matrix."""
+    L, d, R = F.shape
+    lam, O = eig_op.eigh_batched(F @ F.mT)
+    keep = lam > rtol * lam[:, -1:].clamp(min=0)
+    Rf = (O * keep[:, None, :]).mT @ F                                     # [L, d, R]
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
     rb = R // T
-    Y = (Ry.mT @ V).reshape(L, T, rb, -1)                       # [L, T, rb, r]
-    Z = Rx.reshape(L, R, T, rb).permute(0, 2, 1, 3) @ Y          # [L, T, R, r]
-    Z = Z.permute(0, 2, 1, 3).reshape(L, R, -1)                  # [L, R, T r]
-    w, U = eig_op.topk_eigh(Z @ Z.mT, rank)
+    Fb = Rf.reshape(L, d, T, rb).permute(0, 2, 1, 3)                       # [L, T, d, rb]
+    return _Side(Rf, Rf.mT * inv[:, None, :], Fb.mT @ Fb, None)
+
+
+# Top-r eigensolves of M = Z Z^T ([L, k, k]) are dense up to this k, then a warm-started
+# block Krylov method on Z that never forms M (O(k p b) per product instead of O(k^2 p)).
+DENSE_MAX_K = 512
+KRYLOV_INNER_MAX = 60
+
+
+def _top_r(Z, r, X0=None, inner_tol=1e-10):
+    """Top-``r`` eigenpairs of ``Z Z^T`` for ``Z [L, k, p]`` -> (``[L, r]`` descending,
+    ``[L, k, r]`` with null columns zeroed)."""
+    L, k, _ = Z.shape
+    if k <= DENSE_MAX_K or X0 is None:
+        w, U = eig_op.topk_eigh(Z @ Z.mT, r)
+    else:
+        w, U = _krylov_top_r(Z, r, X0, inner_tol)
     live = w > NULL_RTOL * w[:, :1].clamp(min=0)
     return w, U * live[:, None, :]
 
 
-def _hosvd(Rx, G_other, c, T, rank):
-    """HOSVD init: top eigenvectors of ``sum_t c_t^2 B_t (A_t A_t^T) B_t^T`` in whitened
-    coordinates, ``Rx blockdiag(c_t^2 G_other[t, t]) Rx^T``."""
-    L, R, _ = Rx.shape
+def _krylov_top_r(Z, r, X0, inner_tol):
+    """Block Krylov (``[X, M X]``, Rayleigh-Ritz) for the top-``r`` eigenpairs of ``M = Z Z^T``,
+    started from ``X0 [L, k, r]``: one product of ``M`` with ``2r`` columns per step (``M X``
+    of the next step is ``(M Q) S``); stops when every Ritz residual ``||M x - theta x||`` is
+    below ``inner_tol`` times the largest Ritz value."""
+    mat = lambda X: Z @ (Z.mT @ X)
+    X = torch.linalg.qr(X0)[0]
+    MX = mat(X)
+    for _ in range(KRYLOV_INNER_MAX):
+        Q = torch.linalg.qr(torch.cat([X, MX], -1))[0]                   # [L, k, 2r]
+        MQ = mat(Q)
+        H = Q.mT @ MQ
+        w, S = torch.linalg.eigh((H + H.mT) / 2)
+        w, S = w.flip(-1)[:, :r], S.flip(-1)[:, :, :r]
+        X, MX = Q @ S, MQ @ S
+        resid = torch.linalg.vector_norm(MX - X * w[:, None, :], dim=-2)   # [L, r]
+        if bool((resid <= inner_tol * w[:, :1].abs().clamp(min=1e-300)).all()):
+            break
+    return w, X
+
+
+def _half_step(Rx, Ry, V, T, rank, X0=None, inner_tol=1e-10):
+    """Top-``rank`` eigenvectors of ``sum_t Rx_t (Ry_t^T V)(Ry_t^T V)^T Rx_t^T`` with
+    ``Rx [L, k, R]``, ``Ry [L, k', R]`` (blocks of ``rb`` columns per adapter, c_t folded into
+    Ry) and ``V [L, k', r]`` -> (eigenvalues ``[L, r]``, ``U [L, k, r]``, null columns zero)."""
+    L, k, R = Rx.shape
     rb = R // T
-    blocks = torch.stack([G_other[:, t * rb:(t + 1) * rb, t * rb:(t + 1) * rb] for t in range(T)], 1)
-    blocks = blocks * (c * c)[:, :, None, None]                  # [L, T, rb, rb]
-    W = (Rx.reshape(L, R, T, rb).permute(0, 2, 1, 3) @ blocks)   # [L, T, R, rb]
-    M = W.permute(0, 2, 1, 3).reshape(L, R, R) @ Rx.mT
-    w, U = eig_op.topk_eigh(M, rank)
-    live = w > NULL_RTOL * w[:, :1].clamp(min=0)
-    return U * live[:, None, :]
+    Y = (Ry.mT @ V).reshape(L, T, rb, -1)                       # [L, T, rb, r]
+    Z = Rx.reshape(L, k, T, rb).permute(0, 2, 1, 3) @ Y          # [L, T, k, r]
+    Z = Z.permute(0, 2, 1, 3).reshape(L, k, -1)                  # [L, k, T r]
+    return _top_r(Z, rank, X0, inner_tol)
+
+
+def _hosvd(Rx, blocks_other, c, T, rank):
+    """HOSVD init: top eigenvectors of ``sum_t c_t^2 B_t (A_t A_t^T) B_t^T`` in whitened
+    coordinates, ``Rx blockdiag(c_t^2 G_other[t, t]) Rx^T = Z Z^T`` with
+    ``Z = [Rx_t c_t S_t]_t``, ``S_t`` the symmetric square root of ``G_other[t, t]``."""
+    L, k, R = Rx.shape
+    rb = R // T
+    lam, Q = torch.linalg.eigh(blocks_other)                     # [L, T, rb], [L, T, rb, rb]
+    root = (Q * lam.clamp(min=0).sqrt()[..., None, :]) @ Q.mT * c[:, :, None, None]
+    Z = Rx.reshape(L, k, T, rb).permute(0, 2, 1, 3) @ root       # [L, T, k, rb]
+    Z = Z.permute(0, 2, 1, 3).reshape(L, k, R)
+    X0 = None
+    if k > DENSE_MAX_K:   # a seeded random start: the same on every run and device
+        g = torch.Generator().manual_seed(0)
+        X0 = torch.randn((L, k, rank), generator=g, dtype=Z.dtype).to(Z.device)
+    return _top_r(Z, rank, X0)[1]
 
 
 def _polar(M):
@@ -258,36 +334,38 @@ class _Anderson:
 class Subspace:
     Phi: torch.Tensor        # [L, R, r]: U = Bh Phi
     Psi: torch.Tensor        # [L, R, r]: V = Ah^T Psi
+    Uw: torch.Tensor         # [L, kb, r]: U in whitened coordinates
+    Vw: torch.Tensor         # [L, ka, r]
     iterations: list[int]
     converged: list[bool]
     last_step: list[float]
 
 
-def solve_subspace(G_B, G_A, c, T, rank, *, tol=1e-4, max_iter=1000, accelerate=True) -> Subspace:
-    """Tucker-2 subspace of a group from its Grams ``[L, R, R]`` and subspace weights ``c [L, T]``.
+def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_iter=1000,
+                   accelerate=True) -> Subspace:
+    """Tucker-2 subspace of a group from its whitened sides and subspace weights ``c [L, T]``.
 
     Runs in float64. Layers stop independently: a converged layer is frozen, so a layer's
     answer does not depend on the batch it is solved in."""
-    gram_dtype = G_B.dtype
-    G_B, G_A, c = G_B.to(SOLVE_DTYPE), G_A.to(SOLVE_DTYPE), c.to(SOLVE_DTYPE)
-    L, R, _ = G_B.shape
-    rtol = WHITEN_RTOL.get(gram_dtype, WHITEN_RTOL[torch.float32])
-    Rb, Wb = _whiten(G_B, rtol)
-    Ra, Wa = _whiten(G_A, rtol)
+    Rb, Ra, c = side_b.Rf, side_a.Rf, c.to(SOLVE_DTYPE)
+    L, _, R = Rb.shape
     rb = R // T
     cc = c.repeat_interleave(rb, dim=1)[:, None, :]              # [L, 1, R]
     Rbc, Rac = Rb * cc, Ra * cc
     r = min(rank, R)
-    U = _hosvd(Rb, G_A, c, T, r)
-    V = _hosvd(Ra, G_B, c, T, r)
-    iters = torch.zeros(L, dtype=torch.long, device=G_B.device)
-    done = torch.zeros(L, dtype=torch.bool, device=G_B.device)
-    steps = torch.full((L,), float("inf"), dtype=SOLVE_DTYPE, device=G_B.device)
+    inner_tol = min(1e-10, tol * 1e-3)
+    U = _hosvd(Rb, side_a.blocks, c, T, r)
+    V = _hosvd(Ra, side_b.blocks, c, T, r)
+    iters = torch.zeros(L, dtype=torch.long, device=Rb.device)
+    done = torch.zeros(L, dtype=torch.bool, device=Rb.device)
+    steps = torch.full((L,), float("inf"), dtype=SOLVE_DTYPE, device=Rb.device)
     acc = _Anderson() if accelerate else None
     x = V
     for _ in range(max_iter):
-        U1 = _half_step(Rb, Rac, x, T, r)[1]
-        V1 = _half_step(Ra, Rbc, U1, T, r)[1]
+        # iterative solves need only be accurate next to how far HOOI still moves
+        inner = max(inner_tol, 1e-3 * float(steps[~done].min())) if bool((~done).any()) else inner_tol
+        U1 = _half_step(Rb, Rac, x, T, r, U, inner)[1]
+        V1 = _half_step(Ra, Rbc, U1, T, r, V, inner)[1]
         step_v = sin_angle(x, V1)
         if accelerate:
             # U's step is the plain HOOI one from the current point, V1 -> U(V1); it is only
@@ -295,7 +373,7 @@ def solve_subspace(G_B, G_A, c, T, rank, *, tol=1e-4, max_iter=1000, accelerate=
             step = step_v.clone()
             check = ~done & (step_v <= tol)
             if bool(check.any()):
-                U2 = _half_step(Rb, Rac, V1, T, r)[1]
+                U2 = _half_step(Rb, Rac, V1, T, r, U1, inner)[1]
                 step = torch.where(check, torch.maximum(step_v, sin_angle(U1, U2)), step_v)
         else:
             step = torch.maximum(sin_angle(U, U1), step_v)
@@ -314,7 +392,7 @@ def solve_subspace(G_B, G_A, c, T, rank, *, tol=1e-4, max_iter=1000, accelerate=
         else:
             x = V
     # canonical order: columns by descending eigenvalue of their last update (eigh's order)
-    return Subspace(Wb @ U, Wa @ V, iters.tolist(), done.tolist(), steps.tolist())
+    return Subspace(side_b.W @ U, side_a.W @ V, U, V, iters.tolist(), done.tolist(), steps.tolist())
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,21 +434,45 @@ class GroupPlan:
         self.device = torch.device(device) if device is not None else A0[0].device
         self.backend = backend.resolve(self.device, backend_name)
         self.layer_ids = list(range(len(layers))) if layer_ids is None else list(layer_ids)
+        if self.backend == "reference":
+            self._init_reference(layers, rank, beta, tol, max_iter, t0)
+            return
+        self._dense_bases = None
         in_dtype = torch.promote_types(self.out_dtype, B0[0].dtype)
         self.Bh, self.Ah, self.colscale = _stack(layers, self.rb, in_dtype, self.device)
         # CPU: fp64 Grams are cheap next to the rest and keep every real direction; GPU: fp32
         self.gram_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
-        G_B, G_A = gram_op.gram(self.Bh, self.Ah, self.colscale, out_dtype=self.gram_dtype)
         T, rb = self.T, self.rb
-        L = len(layers)
-        blocks = lambda G: torch.stack([G[:, t * rb:(t + 1) * rb, t * rb:(t + 1) * rb] for t in range(T)], 1)
-        nu2 = (blocks(G_B).double() * blocks(G_A).double()).sum((-2, -1)).clamp(min=0)   # [L, T]
+        L, R = len(layers), T * rb
+        rtol = WHITEN_RTOL[self.gram_dtype]
+        if R <= min(self.m, self.n):
+            # the usual case: both R x R Grams in one fused pass over the factors
+            G_B, G_A = gram_op.gram(self.Bh, self.Ah, self.colscale, out_dtype=self.gram_dtype,
+                                    backend=self.backend)
+            G_B, G_A = G_B.to(SOLVE_DTYPE), G_A.to(SOLVE_DTYPE)
+            side_b, side_a = _whiten_inner(G_B, T, rtol), _whiten_inner(G_A, T, rtol)
+        else:
+            # many adapters (R > m or n): a side whose dimension is below R is whitened from its
+            # d x d outer Gram, so memory stays O((m + n) R) and no R x R matrix is needed there
+            Bs = self.Bh.to(SOLVE_DTYPE) * self.colscale.to(SOLVE_DTYPE)[:, None, :]
+            As = self.Ah.to(SOLVE_DTYPE).mT
+            side_b = _whiten_inner(Bs.mT @ Bs, T, rtol) if R <= self.m else _whiten_outer(Bs, T, rtol)
+            side_a = _whiten_inner(As.mT @ As, T, rtol) if R <= self.n else _whiten_outer(As, T, rtol)
+            del Bs, As
+        nu2 = (side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0)       # [L, T]
         self.norms = nu2.sqrt()
         c = torch.stack([subspace_weights(self.norms[l], beta) for l in range(L)])
-        sub = solve_subspace(G_B, G_A, c, T, rank, tol=tol, max_iter=max_iter, accelerate=accelerate)
+        sub = solve_subspace(side_b, side_a, c, T, rank, tol=tol, max_iter=max_iter, accelerate=accelerate)
         self.Phi, self.Psi = sub.Phi, sub.Psi
-        Gp = G_B.to(SOLVE_DTYPE), G_A.to(SOLVE_DTYPE)
-        self.C = project_op.project(Gp[0], Gp[1], self.Phi, self.Psi, T)   # [L, T, r, r]
+        if side_b.G is not None and side_a.G is not None:
+            self.C = project_op.project(side_b.G, side_a.G, self.Phi, self.Psi, T,
+                                        backend=self.backend)                  # [L, T, r, r]
+        else:  # the same C_t = U'^T Rb_t Ra_t^T V' from the whitened factors
+            r = sub.Uw.shape[-1]
+            P = (side_b.Rf.mT @ sub.Uw).reshape(L, T, rb, r)
+            Q = (side_a.Rf.mT @ sub.Vw).reshape(L, T, rb, r)
+            self.C = P.mT @ Q
+        del side_b, side_a
         if self.Phi.shape[-1] < rank:                                       # R < rank: pad
             pad = rank - self.Phi.shape[-1]
             self.Phi = torch.nn.functional.pad(self.Phi, (0, pad))
@@ -382,19 +484,42 @@ class GroupPlan:
         self.infos = [LayerInfo(sub.iterations[l], sub.converged[l], sub.last_step[l],
                                 kept[l].tolist(), self.norms[l].tolist(), seconds) for l in range(L)]
 
+    def _init_reference(self, layers, rank, beta, tol, max_iter, t0):
+        """The ``reference`` backend: DESIGN section 2 on dense float64 updates (small layers)."""
+        bases, C, self.infos = [], [], []
+        for A, B, s, w in layers:
+            dWs = ref_dense_updates(A, B, s, w).to(self.device)
+            nu = torch.linalg.matrix_norm(dWs)
+            tk = ref_tucker2(subspace_weights(nu, beta)[:, None, None] * dWs, rank, tol, max_iter)
+            Ct = tk.U.mT @ dWs @ tk.V
+            kept = torch.where(nu > 0, (Ct ** 2).sum((-2, -1)) / (nu ** 2).clamp(min=1e-300), 0.0)
+            bases.append((tk.U, tk.V))
+            C.append(Ct)
+            self.infos.append(LayerInfo(tk.iterations, tk.converged, float("nan"), kept.tolist(), nu.tolist(),
+                                        time.perf_counter() - t0))
+        self._dense_bases = bases
+        self.C = torch.stack(C)
+
     def merge(self, method="ties", *, scale=1.0, **rule_params) -> list[MergedLayer]:
         params = resolve_params(method, rule_params)
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale!r}")
         Cm = apply_rule(method, self.C, layer_ids=self.layer_ids, **params)   # [L, r, r]
+        if self._dense_bases is not None:
+            out = []
+            for l, (U, V) in enumerate(self._dense_bases):
+                Bo, Ao = ref_balanced_factors(U, Cm[l], V, float(scale))
+                out.append(MergedLayer(Ao.to(self.out_dtype), Bo.to(self.out_dtype), self.infos[l], method, params))
+            return out
         X, S, Yh = torch.linalg.svd(Cm)
         root = S.sqrt()
         g = abs(float(scale)) ** 0.5
         sign = 1.0 if scale >= 0 else -1.0
         left = sign * g * (self.Phi @ X) * root[:, None, :]                   # [L, R, r]
         right = g * root[:, :, None] * (Yh @ self.Psi.mT)                     # [L, r, R]
-        Bo, Ao = lift_op.lift(self.Bh, self.Ah, self.colscale, left, right, SOLVE_DTYPE
-                              if self.device.type == "cpu" else torch.float32)
+        Bo, Ao = lift_op.lift(self.Bh, self.Ah, self.colscale, left, right,
+                              SOLVE_DTYPE if self.device.type == "cpu" else torch.float32,
+                              backend=self.backend)
         Bo, Ao = canonical_signs(Bo, Ao)
         Bo, Ao = Bo.to(self.out_dtype), Ao.to(self.out_dtype)
         return [MergedLayer(Ao[l], Bo[l], self.infos[l], method, params) for l in range(len(self.infos))]
@@ -413,6 +538,8 @@ class Plan:
         """The shared subspace as dense orthonormal bases ``U [m, r]``, ``V [n, r]`` (one pass
         over the factors; columns of directions the adapters do not span are zero)."""
         g, j = self._group, self._j
+        if g._dense_bases is not None:
+            return g._dense_bases[j]
         U = (g.Bh[j].to(SOLVE_DTYPE) * g.colscale[j].to(SOLVE_DTYPE)) @ g.Phi[j]
         V = g.Ah[j].to(SOLVE_DTYPE).mT @ g.Psi[j]
         return U, V

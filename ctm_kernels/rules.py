@@ -240,7 +240,8 @@ def rule_iso_cts(C):
     left subspace, ``(I - U_c U_c^T) C_t``, contributes its top singular pair. The left vectors
     (common + task) and the right vectors are each replaced by their polar factor
     (orthonormalised), and the merged matrix is ``s * P_U P_V^T`` with ``s`` the mean of the
-    kept singular values (the common ones of ``M`` and the task ones of the residuals)."""
+    kept singular values (the common ones of ``M`` and the task ones of the residuals). A task
+    whose residual is zero (a zero adapter, or one inside the common subspace) adds nothing."""
     L, T, p, q = C.shape
     d = min(p, q)
     if T >= d:
@@ -251,12 +252,14 @@ def rule_iso_cts(C):
     Uc, Sc, Vc = U[..., :kc], S[..., :kc], Vh[..., :kc, :].mT
     resid = C - Uc[:, None] @ (Uc.mT[:, None] @ C)
     Ut, St, Vht = torch.linalg.svd(resid, full_matrices=False)
-    # a task whose residual is zero contributes no direction (its vectors would be arbitrary)
-    live = (St[..., :1] > S[:, None, :1] * max(p, q) * torch.finfo(S.dtype).eps).mT   # [L, 1, T]
-    Ucat = torch.cat([Uc, Ut[..., 0].mT * live], -1)                   # [L, p, d]
-    Vcat = torch.cat([Vc, Vht[..., 0, :].mT * live], -1)               # [L, q, d]
-    s = (Sc.sum(-1) + St[..., 0].sum(-1)) / d
-    return s[:, None, None] * (_polar(Ucat) @ _polar(Vcat).mT)
+    # a task whose residual is zero contributes no direction (its vectors would be arbitrary):
+    # its column is zero before the polar factor and dropped after it
+    live = (St[..., 0] > S[:, :1] * max(p, q) * torch.finfo(S.dtype).eps).to(C.dtype)   # [L, T]
+    keep = torch.cat([_nonzero_sv(S, (p, q))[..., :kc].to(C.dtype), live], -1)   # [L, d]
+    Ucat = torch.cat([Uc, Ut[..., 0].mT], -1) * keep[:, None, :]       # [L, p, d]
+    Vcat = torch.cat([Vc, Vht[..., 0, :].mT], -1) * keep[:, None, :]   # [L, q, d]
+    s = (Sc.sum(-1) + (St[..., 0] * live).sum(-1)) / keep.sum(-1).clamp(min=1)
+    return s[:, None, None] * ((_polar(Ucat) * keep[:, None, :]) @ _polar(Vcat).mT)
 
 
 def describe() -> str:

@@ -242,3 +242,47 @@ def test_merge_layers_names_the_layer():
     A2[1][0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer 1: adapter 1: lora_A contains NaN"):
         ck.merge_layers([(A, B), (A2, B2)], rank=2)
+
+
+@pytest.mark.parametrize("case", ["gaussian", "structured", "R_gt_m", "mixed_ranks"])
+def test_iterative_top_r_solver_matches_reference(case, monkeypatch):
+    """The warm-started block Krylov solver (used when the whitened size exceeds
+    DENSE_MAX_K, i.e. many adapters) gives the dense route's answer."""
+    from ctm_kernels import engine
+    monkeypatch.setattr(engine, "DENSE_MAX_K", 4)
+    A, B, scales, rank = _case(case, torch.float64)
+    dWs = ref.dense_updates(A, B, scales)
+    want = ref.ctm(dWs, rank, "ties", **TIGHT, top_k=0.3).dW
+    out = ck.merge_layer(A, B, rank=rank, method="ties", scales=scales, top_k=0.3, **TIGHT)
+    assert out.info.converged
+    assert relerr(out.B @ out.A, want) <= 1e-6
+
+
+def test_many_adapters_outer_whitening_matches_reference():
+    """R = 96 > m = 24, n = 20: both sides whitened from their small outer Grams."""
+    A, B = structured(24, 20, [4] * 24, seed=9)
+    dWs = ref.dense_updates(A, B)
+    want = ref.ctm(dWs, 6, "sum", **TIGHT).dW
+    out = ck.merge_layer(A, B, rank=6, method="sum", **TIGHT)
+    assert relerr(out.B @ out.A, want) <= 1e-6
+
+
+def test_reference_backend_is_the_reference(monkeypatch):
+    A, B, scales, rank = _case("structured", torch.float64)
+    dWs = ref.dense_updates(A, B, scales)
+    want = ref.ctm(dWs, rank, "ties", top_k=0.3)
+    out = ck.merge_layer(A, B, rank=rank, method="ties", top_k=0.3, scales=scales, backend="reference")
+    assert out.info.iterations == want.iterations
+    assert torch.equal(out.B @ out.A, want.B @ want.A)
+    monkeypatch.setenv("CTM_KERNELS_BACKEND", "reference")
+    again = ck.merge_layer(A, B, rank=rank, method="ties", top_k=0.3, scales=scales)
+    assert torch.equal(again.B @ again.A, want.B @ want.A)
+
+
+def test_unavailable_backend_raises(monkeypatch):
+    A, B, scales, rank = _case("structured", torch.float64)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run on cpu"):
+        ck.merge_layer(A, B, rank=rank, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ck.merge_layer(A, B, rank=rank, backend="cuda-magic")

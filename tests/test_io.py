@@ -461,3 +461,173 @@ def test_merge_dtype(dtypes, requested, expected):
     assert mm.A.dtype == mm.B.dtype == expected
     want = sum(B.double() @ A.double() for A, B in (_pair(24, 32, 4, t, dt) for t, dt in enumerate(dtypes)))
     torch.testing.assert_close(mm.update().double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------
+# streaming: positioned reads, out-of-order writes, read-ahead, output written as groups finish
+
+
+def test_safetensors_store_reads_what_safetensors_wrote(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    tensors = {"z": torch.randn(3, 7, generator=g).to(torch.bfloat16), "a": torch.randn(5, generator=g),
+               "m": torch.randn(2, 2, 2, generator=g).half(), "e": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    from ctm_kernels.io.stream import SafetensorsStore
+    store = SafetensorsStore(tmp_path / "x.safetensors")
+    got = store.get(["m", "z", "e", "a"])
+    assert list(got) == ["m", "z", "e", "a"]                    # in the order asked for
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_safetensors_store_file_cut_after_open(tmp_path):
+    save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(tmp_path / "x.safetensors"))
+    from ctm_kernels.io.stream import SafetensorsStore
+    store = SafetensorsStore(tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[:-100])
+    with pytest.raises(AdapterError, match=r"x\.safetensors: b: the file ends inside the tensor's data"):
+        store.get(["a", "b"])
+
+
+def test_writer_bytes_do_not_depend_on_write_order(tmp_path):
+    from ctm_kernels.io.stream import SafetensorsWriter
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(i + 1, 3, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+               for i in range(6)}
+    write_safetensors(tmp_path / "in_order.safetensors", tensors, {"k": "v"})
+    layout = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+    with SafetensorsWriter(tmp_path / "shuffled.safetensors", layout, {"k": "v"}) as w:
+        for k in ["t3", "t0", "t5", "t1", "t4", "t2"]:
+            w.write(k, tensors[k])
+    assert (tmp_path / "in_order.safetensors").read_bytes() == (tmp_path / "shuffled.safetensors").read_bytes()
+    w = SafetensorsWriter(tmp_path / "short.safetensors", layout)
+    w.write("t0", tensors["t0"])
+    with pytest.raises(ValueError, match="5 tensors never written"):
+        w.close()
+    with SafetensorsWriter(tmp_path / "wrong.safetensors", layout) as w:
+        with pytest.raises(ValueError, match="t1: expected torch.bfloat16"):
+            w.write("t1", tensors["t1"].float())
+        with pytest.raises(ValueError, match="nope: not in the file's layout"):
+            w.write("nope", tensors["t1"])
+        for k, v in tensors.items():
+            w.write(k, v)
+
+
+def _no_embedding(ads):
+    return [({k: v for k, v in sd.items() if ".emb." not in k}, cfg) for sd, cfg in ads]
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_streamed_output_is_what_save_writes(fmt, tmp_path):
+    ads = _no_embedding(_adapters(seed=4)) if fmt == "kohya" else _adapters(seed=4)
+    name = "out.safetensors" if fmt == "kohya" else "out"
+    kept = merge(ads, rank=4, method="ties", top_k=0.5, max_group_bytes=2000)
+    kept.save(tmp_path / f"saved_{name}", format=fmt)
+    streamed = merge(ads, rank=4, method="ties", top_k=0.5, max_group_bytes=2000,
+                     output=tmp_path / f"streamed_{name}", format=fmt)
+    if fmt == "peft":
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / f"saved_{name}" / f).read_bytes() == (tmp_path / f"streamed_{name}" / f).read_bytes()
+    else:
+        assert (tmp_path / f"saved_{name}").read_bytes() == (tmp_path / f"streamed_{name}").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"saved_{name}", f"streamed_{name}"])
+    # the streamed result describes the output but holds no factors
+    assert streamed.output == tmp_path / f"streamed_{name}" and streamed.format == fmt
+    assert [mm.name for mm in streamed.modules] == [mm.name for mm in kept.modules]
+    assert all(mm.A.is_meta and mm.B.is_meta for mm in streamed.modules)
+    assert streamed.energy_kept == pytest.approx(kept.energy_kept)
+    assert streamed.stats.groups == kept.stats.groups == len(plan_groups(plan_modules(
+        [open_adapter(a) for a in ads]), 2000))
+    with pytest.raises(ValueError, match="written to .*streamed_.* not kept in memory"):
+        streamed.save(tmp_path / "again")
+
+
+def test_merge_stats_count_every_factor_byte():
+    ads = _adapters(seed=6)
+    res = merge(ads, rank=4, method="sum", max_group_bytes=3000)
+    want = sum(v.numel() * v.element_size() for sd, _ in ads for v in sd.values())
+    st = res.stats
+    assert st.bytes_read == want
+    assert st.modules == len(res.modules) and st.world_size == 1 and st.peak_rss_bytes > 0
+    assert st.groups == len(plan_groups(plan_modules([open_adapter(a) for a in ads]), 3000))
+    assert 0 <= st.read_seconds <= st.load_seconds and st.merge_seconds > 0
+    assert "module groups; read" in res.summary()
+    rep = res.report()
+    assert rep["stats"]["bytes_read"] == want and rep["modules"] == len(res.modules)
+    json.dumps(rep)
+
+
+class _GatedStore(DictStore):
+    """A state dict whose reads are logged (by group) and can signal when a group's read starts."""
+
+    def __init__(self, tensors, label, group_of, events, started):
+        super().__init__(tensors, label)
+        self.group_of, self.events, self.started = group_of, events, started
+
+    def get(self, keys):
+        keys = list(keys)
+        g = self.group_of[keys[0]]
+        self.events.append(("read", g))
+        self.started[g].set()
+        return super().get(keys)
+
+
+def test_reader_runs_one_group_ahead_and_no_further(monkeypatch):
+    import threading
+    from ctm_kernels import api
+
+    ads = _adapters(seed=2)
+    budget = 2000
+    opened = [open_adapter(a, label=f"ad{i}") for i, a in enumerate(ads)]
+    groups = plan_groups(plan_modules(opened), budget)
+    assert len(groups) >= 4
+    group_of = {k: gi for gi, g in enumerate(groups) for e in g for _, s in e.specs for k in (s.a_key, s.b_key)}
+    events = []
+    started = [threading.Event() for _ in groups]
+    for ad, (sd, _) in zip(opened, ads):
+        ad.store = _GatedStore(sd, ad.label, group_of, events, started)
+    real = api._merge_group
+    overlapped = []
+
+    def merge_group(factors, group, first, *args, **kw):
+        gi = next(i for i, g in enumerate(groups) if g[0].name == group[0].name)
+        if gi + 1 < len(groups):
+            # the next group is read while this one merges (the reader does not wait for it)
+            overlapped.append(started[gi + 1].wait(timeout=20))
+        return real(factors, group, first, *args, **kw)
+
+    monkeypatch.setattr(api, "_merge_group", merge_group)
+    merge(opened, rank=4, method="mean", max_group_bytes=budget,
+          progress=lambda done, total, desc: events.append(("done", done - 1)))
+    assert overlapped == [True] * (len(groups) - 1)
+    # group g is read only after group g - 2 is merged: two groups in memory at most
+    for i, (kind, g) in enumerate(events):
+        if kind == "read" and g >= 2:
+            assert ("done", g - 2) in events[:i], events
+
+
+def test_streamed_failure_in_a_late_group_leaves_nothing(tmp_path):
+    ads = _adapters(seed=7)
+    sd, cfg = ads[2]
+    bad = dict(sd)
+    key = f"{P}model.layers.1.up.lora_B.weight"
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    ads[2] = (bad, cfg)
+    ticks = []
+    with pytest.raises(AdapterError, match=r"adapter\[2\]: base_model\.model\.model\.layers\.1\.up\.lora_B\.weight: "
+                                           "factor contains NaN"):
+        merge(ads, rank=4, method="sum", max_group_bytes=1, output=tmp_path / "out",
+              progress=lambda done, total, desc: ticks.append(done))
+    assert ticks                                  # some groups were merged and written before the failure
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_without_prefetch_is_the_same():
+    ads = _adapters(seed=8)
+    a = merge(ads, rank=4, method="ties", max_group_bytes=2000)
+    b = merge(ads, rank=4, method="ties", max_group_bytes=2000, prefetch=False)
+    for x, y in zip(a.modules, b.modules):
+        assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+    assert b.stats.bytes_read == a.stats.bytes_read

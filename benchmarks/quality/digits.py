@@ -14,14 +14,13 @@ Every task keeps its own head (trained with its adapter); only the backbone upda
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .merging import METHODS, RANKED, LayerFactors, Merger, rule_validity
+from .merging import CTM_BETA, METHODS, RANKED, LayerFactors, Merger, energy_kept, rule_validity, singular_subspaces
 from .report import RESULTS_DIR, markdown_table, metadata, write_json
 from .tasks import Digits
 from .zoo import ZOO_DIR, Zoo, ZooConfig, accuracy, load_zoo, save_zoo, train_zoo
@@ -46,10 +45,15 @@ class RunConfig:
     dare_seeds: tuple[int, ...] = (0, 1, 2)
     tol: float = 1e-4
     max_iter: int = 1000
+    # zoos retrained with other seeds, on which the CtM-vs-MtC comparison is repeated
+    replicates: int = 2
 
 
-QUICK = RunConfig(ranks=(8,), rules=("sum", "ties", "dare_ties", "tsv", "iso_c"),
-                  lambdas=(0.25, 0.5, 1.0, 2.0, 4.0), top_ks=(0.1, 0.3, 1.0), dare_seeds=(0,))
+QUICK = RunConfig(ranks=(8,), methods=("ctm", "mtc", "core_mtc", "full"),
+                  rules=("sum", "ties", "dare_ties", "tsv", "iso_c"),
+                  lambdas=(0.25, 0.5, 1.0, 2.0, 4.0), top_ks=(0.1, 0.3, 1.0), dare_seeds=(0,), replicates=0)
+CLAIM_RULES = ("ties", "dare_ties")
+CLAIM_METHODS = ("ctm", "ctm_b1", "mtc")
 
 
 def layer_factors(zoo: Zoo) -> list[LayerFactors]:
@@ -99,16 +103,7 @@ def run(zoo: Zoo, data: Digits, cfg: RunConfig, log=print) -> dict:
     zero = ev.accuracies(None, "test")
     out = {"tasks": names, "config": asdict(cfg),
            "individual_test_acc": ev.individual["test"], "individual_val_acc": ev.individual["val"],
-           "lambda0_test_norm": ev.normalised(zero, "test"), "ctm_subspace": {}, "results": [], "skipped": []}
-    for rank in cfg.ranks:
-        t0 = time.perf_counter()
-        plans = merger.plans(rank) if "ctm" in cfg.methods else []
-        out["ctm_subspace"][str(rank)] = [
-            {"layer": name, "iterations": p.info.iterations, "converged": p.info.converged,
-             "energy_kept": dict(zip(names, p.info.energy_kept))} for name, p in zip(zoo.config.lora_layers, plans)]
-        if plans:
-            log(f"rank {rank}: CtM subspaces in {time.perf_counter() - t0:.2f} s, iterations "
-                f"{[p.info.iterations for p in plans]}")
+           "lambda0_test_norm": ev.normalised(zero, "test"), "results": [], "skipped": []}
     for rank in cfg.ranks:
         for method in cfg.methods:
             if method == "full" and rank != cfg.ranks[0]:
@@ -135,11 +130,39 @@ def run(zoo: Zoo, data: Digits, cfg: RunConfig, log=print) -> dict:
                        "seconds": time.perf_counter() - t0}
                 out["results"].append(row)
                 log(f"  rank {str(r):4s} {method:8s} {rule:9s} norm. acc {row['test_norm_avg']:6.1f}  "
-                    f"(lambda {[s['lambda'] for s in per_seed]}, top_k {[s['top_k'] for s in per_seed]}, "
+                    f"(lambda {[round(s['lambda'], 3) for s in per_seed]}, top_k {[s['top_k'] for s in per_seed]}, "
                     f"{row['seconds']:.1f} s)")
-    out["claims"] = claims(out)
+    out["subspaces"] = subspace_diagnostics(zoo, merger, cfg)
     out["seconds"] = time.perf_counter() - t_start
     return out
+
+
+def subspace_diagnostics(zoo: Zoo, merger: Merger, cfg: RunConfig) -> list[dict]:
+    """Per rank and layer: what each subspace keeps of every adapter.
+
+    Adapter norms, the share of each adapter's energy in its own top singular direction, the
+    energy kept by the CtM subspaces (engine, beta 0 and 1) and by the rank-r singular
+    subspaces of the summed update (what MtC with ``sum`` keeps), the sum's energy in its top
+    r directions, and the CtM iterations."""
+    rows = []
+    for rank in cfg.ranks:
+        for li, (name, dW) in enumerate(zip(zoo.config.lora_layers, merger.dense)):
+            S = torch.linalg.svdvals(dW)                                     # [T, k]
+            total = dW.sum(0)
+            S_sum = torch.linalg.svdvals(total)
+            row = {"rank": rank, "layer": name,
+                   "norms": torch.linalg.matrix_norm(dW).tolist(),
+                   "top1_share": (S[:, 0] ** 2 / (S ** 2).sum(1)).tolist(),
+                   "sum_top_r_share": float((S_sum[:rank] ** 2).sum() / (S_sum ** 2).sum()),
+                   "energy_kept_mtc_sum": energy_kept(dW, *singular_subspaces(total, rank)).tolist()}
+            for method, beta in CTM_BETA.items():
+                if method in cfg.methods:
+                    info = merger.plans(rank, beta)[li].info
+                    row[f"energy_kept_{method}"] = info.energy_kept
+                    row[f"iterations_{method}"] = info.iterations
+                    row[f"converged_{method}"] = info.converged
+            rows.append(row)
+    return rows
 
 
 def find(out: dict, method: str, rule: str, rank: int | None) -> dict | None:
@@ -149,47 +172,74 @@ def find(out: dict, method: str, rule: str, rank: int | None) -> dict | None:
     return None
 
 
-def claims(out: dict) -> list[dict]:
-    """CtM against MtC with the same rule, per rank, for TIES and DARE-TIES."""
+def claims(outs: list[dict]) -> list[dict]:
+    """CtM (beta 0 and 1) against MtC with the same rule, per rank, for TIES and DARE-TIES, on
+    every zoo of ``outs`` (the committed one first, then the replicates)."""
     rows = []
-    for rank in out["config"]["ranks"]:
-        for rule in ("ties", "dare_ties"):
-            a, b = find(out, "ctm", rule, rank), find(out, "mtc", rule, rank)
-            if a and b:
-                rows.append({"rank": rank, "rule": rule, "ctm": a["test_norm_avg"], "mtc": b["test_norm_avg"],
-                             "ctm_beats_mtc": a["test_norm_avg"] > b["test_norm_avg"]})
+    for rank in outs[0]["config"]["ranks"]:
+        for rule in CLAIM_RULES:
+            got = {m: [find(o, m, rule, rank) for o in outs] for m in CLAIM_METHODS}
+            if not all(got["ctm"]) or not all(got["mtc"]):
+                continue
+            row = {"rank": rank, "rule": rule}
+            for m, found in got.items():
+                if all(found):
+                    row[m] = [f["test_norm_avg"] for f in found]
+            diff = [c - m for c, m in zip(row["ctm"], row["mtc"])]
+            row |= {"ctm_minus_mtc": diff, "ctm_minus_mtc_mean": sum(diff) / len(diff),
+                    "ctm_beats_mtc_on": sum(d > 0 for d in diff), "zoos": len(diff)}
+            rows.append(row)
     return rows
+
+
+def _subspace_table(out: dict, rank: int) -> list[str]:
+    names = out["tasks"]
+    header = ["layer", "measure"] + [n.replace("_", " ") for n in names] + ["mean"]
+    body = []
+    for row in out["subspaces"]:
+        if row["rank"] != rank:
+            continue
+        for key, label in (("norms", "norm of dW_t"), ("top1_share", "top-1 direction share"),
+                           ("energy_kept_ctm", "kept: CtM (beta 0)"), ("energy_kept_ctm_b1", "kept: CtM (beta 1)"),
+                           ("energy_kept_mtc_sum", "kept: MtC sum subspace")):
+            if key in row:
+                fmt = (lambda v: round(v, 1)) if key == "norms" else (lambda v: round(v, 2))
+                body.append([row["layer"], label] + [fmt(v) for v in row[key]] + [fmt(sum(row[key]) / len(row[key]))])
+    return [markdown_table(header, body)]
 
 
 def to_markdown(out: dict, meta: dict, zoo: Zoo) -> str:
     names = out["tasks"]
     short = [n.replace("_", " ") for n in names]
     cfg = out["config"]
+    zc = zoo.config
     lines = ["# Merge quality on the digits LoRA zoo", "",
              f"{meta['date']}, commit `{meta['commit']}`, {meta['machine']['cpu']} "
              f"({meta['machine']['cores']} cores, {meta['machine']['torch_threads']} torch threads), "
-             f"torch {meta['versions']['torch']}. Run time {out['seconds']:.0f} s.", "",
-             f"Zoo: MLP 64-{zoo.config.hidden}-{zoo.config.hidden}-{zoo.config.hidden}, one rank-{zoo.config.rank} "
-             f"LoRA (alpha {zoo.config.alpha:g}) per task on fc1-fc3 and one head per task; {len(names)} tasks. "
+             f"torch {meta['versions']['torch']}. Run time {out['wall_seconds']:.0f} s.", "",
+             f"Zoo: MLP 64-{zc.hidden}-{zc.hidden}-{zc.hidden}, one rank-{zc.rank} LoRA (alpha {zc.alpha:g}) per task "
+             f"on {', '.join(zc.lora_layers)} and one head per task (heads are not merged); {len(names)} tasks. "
              f"Lambda grid {[round(x, 3) for x in cfg['lambdas']]}, top_k grid {list(cfg['top_ks'])} "
              f"(TIES, DARE-TIES), DARE p={cfg['dare_p']} averaged over seeds {list(cfg['dare_seeds'])}; "
              "chosen on validation by mean normalised accuracy, the same grids for every method. "
-             "Numbers: test accuracy of the merged model / the task's own adapter x 100.", ""]
+             "Numbers: test accuracy of the merged model / the task's own adapter x 100. "
+             "ctm: CtM with beta 0 (the default), ctm_b1: beta 1.", ""]
     ind = [["individual (abs. %)"] + list(out["individual_test_acc"]) +
            [sum(out["individual_test_acc"]) / len(names)],
            ["base + task heads (lambda 0)"] + list(out["lambda0_test_norm"]) +
            [sum(out["lambda0_test_norm"]) / len(names)]]
     lines += [markdown_table(["reference"] + short + ["avg"], ind), ""]
+    lines += ["## CtM against MtC, same rule", "",
+              f"Average normalised accuracy on the committed zoo and on {len(out['replicates'])} zoos retrained "
+              "with other seeds (same tasks, split and grids).", ""]
+    lines += [markdown_table(
+        ["rank", "rule", "CtM (beta 0)", "CtM (beta 1)", "MtC", "CtM - MtC (mean)", "CtM better on"],
+        [[c["rank"], c["rule"], " / ".join(f"{v:.1f}" for v in c["ctm"]),
+          " / ".join(f"{v:.1f}" for v in c.get("ctm_b1", [])) or "n/a", " / ".join(f"{v:.1f}" for v in c["mtc"]),
+          round(c["ctm_minus_mtc_mean"], 1), f"{c['ctm_beats_mtc_on']} of {c['zoos']} zoos"]
+         for c in out["claims"]]), ""]
     for rank in cfg["ranks"]:
         lines += [f"## Merged rank {rank}", ""]
-        body = []
-        for rule in cfg["rules"]:
-            for method in cfg["methods"]:
-                row = find(out, method, rule, rank if method in RANKED else None)
-                if row:
-                    label = f"{rule} / {method}" + ("" if method in RANKED else " (no rank limit)")
-                    body.append([label] + row["test_norm"] + [row["test_norm_avg"]])
-        lines += [markdown_table(["rule / method"] + short + ["avg"], body), ""]
         summary = []
         for rule in cfg["rules"]:
             cells = []
@@ -199,18 +249,40 @@ def to_markdown(out: dict, meta: dict, zoo: Zoo) -> str:
             summary.append([rule] + cells)
         lines += [f"Average normalised accuracy, rank {rank}:", "",
                   markdown_table(["rule"] + [m + (" (no rank limit)" if m == "full" else "") for m in cfg["methods"]],
-                                 summary), ""]
-    lines += ["## CtM against MtC, same rule", ""]
-    lines += [markdown_table(["rank", "rule", "CtM", "MtC", "CtM better"],
-                             [[c["rank"], c["rule"], c["ctm"], c["mtc"], "yes" if c["ctm_beats_mtc"] else "no"]
-                              for c in out["claims"]]), ""]
+                                 summary), "", "Per task:", ""]
+        body = []
+        for rule in cfg["rules"]:
+            for method in cfg["methods"]:
+                row = find(out, method, rule, rank if method in RANKED else None)
+                if row:
+                    label = f"{rule} / {method}" + ("" if method in RANKED else " (no rank limit)")
+                    body.append([label] + row["test_norm"] + [row["test_norm_avg"]])
+        lines += [markdown_table(["rule / method"] + short + ["avg"], body), ""]
+        lines += [f"What the rank-{rank} subspaces keep of each adapter (share of ||dW_t||^2):", ""]
+        lines += _subspace_table(out, rank) + [""]
     if out["skipped"]:
         lines += ["Not run:", ""] + [f"* {s['rule']} / {s['method']} (rank {s['rank']}): {s['reason']}"
                                       for s in out["skipped"]] + [""]
-    lines += ["CtM subspace search (engine, tol "
-              f"{cfg['tol']:g}): iterations per layer " + "; ".join(
-                  f"rank {r}: {[l['iterations'] for l in v]}" for r, v in out["ctm_subspace"].items()), ""]
+    its = [f"rank {s['rank']} {s['layer']}: " + ", ".join(
+        f"{m} {s[f'iterations_{m}']}{'' if s[f'converged_{m}'] else ' (not converged)'}"
+        for m in CTM_BETA if f"iterations_{m}" in s) for s in out["subspaces"]]
+    lines += [f"CtM subspace search (engine, tol {cfg['tol']:g}), HOOI iterations: " + "; ".join(its), ""]
     return "\n".join(lines)
+
+
+def replicate(k: int, data: Digits, cfg: RunConfig, log=print) -> dict:
+    """Retrain the zoo with seeds shifted by ``k`` and rerun the CtM-vs-MtC comparison on it."""
+    base = ZooConfig()
+    zoo = train_zoo(ZooConfig(base_seed=base.base_seed + k, adapter_seed=base.adapter_seed + 100 * k), data,
+                    log=lambda *a: None)
+    sub = RunConfig(**{**asdict(cfg), "methods": tuple(m for m in CLAIM_METHODS if m in cfg.methods),
+                       "rules": tuple(r for r in CLAIM_RULES if r in cfg.rules)})
+    out = run(zoo, data, sub, log=lambda *a: None)
+    log(f"replicate {k}: " + ", ".join(f"rank {r['rank']} {r['method']} {r['rule']} {r['test_norm_avg']:.1f}"
+                                       for r in out["results"]))
+    return {"seeds": {"base_seed": zoo.config.base_seed, "adapter_seed": zoo.config.adapter_seed},
+            "individual_test_acc": out["individual_test_acc"], "lambda0_test_norm": out["lambda0_test_norm"],
+            "results": out["results"], "config": out["config"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,11 +296,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    cfg = QUICK if args.quick else RunConfig()
     data = Digits()
     if args.retrain or not (args.zoo / "manifest.json").is_file():
         save_zoo(train_zoo(ZooConfig(), data), args.zoo)
     zoo = load_zoo(args.zoo)
-    out = run(zoo, data, QUICK if args.quick else RunConfig())
+    out = run(zoo, data, cfg)
+    out["replicates"] = [replicate(k, data, cfg) for k in range(1, cfg.replicates + 1)]
+    out["claims"] = claims([out] + out["replicates"])
     meta = metadata()
     out["wall_seconds"] = time.perf_counter() - t0
     stem = "quality_digits_quick" if args.quick else "quality_digits"
@@ -237,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / f"{stem}.md").write_text(to_markdown(out, meta, zoo))
     print(f"wrote {args.out / stem}.json and .md ({out['wall_seconds']:.0f} s)")
     for c in out["claims"]:
-        print(f"rank {c['rank']} {c['rule']}: CtM {c['ctm']:.1f} vs MtC {c['mtc']:.1f}")
+        print(f"rank {c['rank']} {c['rule']}: CtM {c['ctm']} vs MtC {c['mtc']}")
     return out
 
 

@@ -1,7 +1,9 @@
 """One interface over the four ways of merging a model's adapters that the quality benchmarks compare.
 
 * ``ctm``: Compress-then-Merge with the engine (``ctm_kernels.prepare_layers``; the subspace
-  is found once per rank, every rule then costs one re-merge);
+  is found once per rank, every rule then costs one re-merge), with the default ``beta = 0``
+  (adapters' norms equalised for the subspace search); ``ctm_b1``: the same with ``beta = 1``
+  (raw norms);
 * ``mtc``: Merge-then-Compress (``ctm_kernels.reference.mtc``: full-parameter merge, then
   truncated SVD to the rank);
 * ``core_mtc``: core-space Merge-then-Compress (``ctm_kernels.reference.core_mtc``);
@@ -21,8 +23,9 @@ import torch
 import ctm_kernels
 from ctm_kernels import reference
 
-METHODS = ("ctm", "mtc", "core_mtc", "full")
-RANKED = ("ctm", "mtc", "core_mtc")
+CTM_BETA = {"ctm": 0.0, "ctm_b1": 1.0}
+METHODS = ("ctm", "ctm_b1", "mtc", "core_mtc", "full")
+RANKED = ("ctm", "ctm_b1", "mtc", "core_mtc")
 
 
 @dataclass
@@ -55,7 +58,7 @@ def rule_validity(method: str, rule: str, layers: list[LayerFactors], rank: int)
         return None
     T = len(layers[0].A)
     for i, layer in enumerate(layers):
-        d = {"ctm": rank, "core_mtc": layer.total_rank}.get(method, min(layer.shape))
+        d = rank if method in CTM_BETA else layer.total_rank if method == "core_mtc" else min(layer.shape)
         if T >= d:
             return f"iso_cts needs T < d (layer {i}: T={T}, d={d})"
         if method in ("mtc", "full") and d - T > layer.total_rank:
@@ -71,14 +74,15 @@ class Merger:
         self.layers = layers
         self.tol, self.max_iter = tol, max_iter
         self.dense = [reference.dense_updates(l.A, l.B, l.scales) for l in layers]  # [T, m, n] fp64 each
-        self._plans: dict[int, list] = {}
+        self._plans: dict[tuple[int, float], list] = {}
 
-    def plans(self, rank: int) -> list:
+    def plans(self, rank: int, beta: float = 0.0) -> list:
         """The engine's CtM plans at ``rank`` (subspace search done once, then cached)."""
-        if rank not in self._plans:
-            self._plans[rank] = ctm_kernels.prepare_layers(
-                [(l.A, l.B, l.scales) for l in self.layers], rank=rank, tol=self.tol, max_iter=self.max_iter)
-        return self._plans[rank]
+        if (rank, beta) not in self._plans:
+            self._plans[rank, beta] = ctm_kernels.prepare_layers(
+                [(l.A, l.B, l.scales) for l in self.layers], rank=rank, beta=beta, tol=self.tol,
+                max_iter=self.max_iter)
+        return self._plans[rank, beta]
 
     def merge(self, method: str, rule: str, rank: int | None, **params) -> list[torch.Tensor]:
         """Per layer, the merged update ``[m, n]`` (float64, lambda = 1).
@@ -89,8 +93,8 @@ class Merger:
             raise ValueError(f"merging.py: unknown method {method!r}; expected one of {METHODS}")
         if method in RANKED and rank is None:
             raise ValueError(f"merging.py: method {method!r} needs a rank")
-        if method == "ctm":
-            return [p.merge(rule, scale=1.0, **params).delta.double() for p in self.plans(rank)]
+        if method in CTM_BETA:
+            return [p.merge(rule, scale=1.0, **params).delta.double() for p in self.plans(rank, CTM_BETA[method])]
         out = []
         for i, (layer, dW) in enumerate(zip(self.layers, self.dense)):
             p = dict(params)
@@ -105,3 +109,18 @@ class Merger:
                 B, A = reference.core_mtc(layer.A, layer.B, rank, rule, scales=layer.scales, **p)
                 out.append(B @ A)
         return out
+
+
+def energy_kept(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Share of each update's energy inside the subspaces: ``||U^T dW_t V||^2 / ||dW_t||^2``.
+
+    ``dW [T, m, n]``, orthonormal ``U [m, r]``, ``V [n, r]`` -> ``[T]`` (0 for a zero update)."""
+    kept = (U.mT @ dW @ V).square().sum((-2, -1))
+    total = dW.square().sum((-2, -1))
+    return torch.where(total > 0, kept / total.clamp(min=1e-300), torch.zeros_like(total))
+
+
+def singular_subspaces(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left and right top-``rank`` singular subspaces of ``M [m, n]`` -> (``[m, rank]``, ``[n, rank]``)."""
+    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :rank], Vh[:rank].mT

@@ -65,9 +65,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A GitHub markdown table; floats with one decimal."""
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
+def markdown_table(header: list[str], rows: list[list], decimals: int = 1) -> str:
+    """A GitHub markdown table; floats with ``decimals`` decimals."""
+    fmt = lambda v: f"{v:.{decimals}f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

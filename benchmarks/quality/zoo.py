@@ -150,7 +150,18 @@ def train_probe(backbone: Backbone, task: Task, cfg: ZooConfig, data: Digits, se
 
 
 def train_zoo(cfg: ZooConfig, data: Digits | None = None, log=print) -> Zoo:
+    """Pretrain the base, then train one adapter, head and probe per task (seeded)."""
     data = data or Digits()
+    threads = torch.get_num_threads()
+    # minibatches through 256-wide layers: more threads only add synchronisation
+    torch.set_num_threads(1)
+    try:
+        return _train_zoo(cfg, data, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_zoo(cfg: ZooConfig, data: Digits, log) -> Zoo:
     t0 = time.perf_counter()
     backbone, base_acc = train_base(cfg, data)
     log(f"base model: digits test accuracy {base_acc:.1f}% ({time.perf_counter() - t0:.1f} s)")
@@ -181,7 +192,9 @@ def save_zoo(zoo: Zoo, out: Path) -> None:
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({f"{n}.{k}": getattr(zoo.backbone, n).__getattr__(k).detach().half().contiguous()
+    for stale in tmp.iterdir():  # left by an interrupted save
+        stale.unlink()
+    save_file({f"{n}.{k}": getattr(getattr(zoo.backbone, n), k).detach().half().contiguous()
                for n in LAYERS for k in ("weight", "bias")}, str(tmp / "base.safetensors"))
     for a in zoo.adapters:
         tensors = {f"{n}.lora_A": a.A[n].contiguous() for n in a.A}
@@ -217,7 +230,7 @@ def load_zoo(path: Path = ZOO_DIR) -> Zoo:
                 key = f"{n}.{k}"
                 if key not in base:
                     raise ValueError(f"{path / 'base.safetensors'}: missing key {key!r}")
-                getattr(backbone, n).__getattr__(k).copy_(base[key].float())
+                getattr(getattr(backbone, n), k).copy_(base[key].float())
     backbone.requires_grad_(False)
     adapters = []
     for task in cfg.tasks:

@@ -305,8 +305,13 @@ def write_peft(dest: str | os.PathLike, tensors: Mapping[str, torch.Tensor | Laz
     meta = {"format": "pt"}
     meta.update(metadata or {})
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_config(tmp, config)
         write_safetensors(tmp / WEIGHTS_NAME, tensors, meta)
     return Path(dest)
+
+
+def write_config(folder: str | os.PathLike, config: Mapping) -> None:
+    """Write ``adapter_config.json`` into ``folder`` (sorted keys: the same bytes for the same config)."""
+    with open(Path(folder) / CONFIG_NAME, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")

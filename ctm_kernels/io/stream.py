@@ -17,6 +17,8 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,19 +75,20 @@ class TensorStore:
 
 class SafetensorsStore(TensorStore):
     """A ``.safetensors`` file. Opening reads the header only; :meth:`get` reads the named
-    tensors through ``safe_open`` (memory-mapped: only the requested bytes are touched)."""
+    tensors' bytes with plain positioned reads into fresh tensors (no memory map, so the
+    process holds only the tensors it asked for, and the reads release the GIL)."""
 
     def __init__(self, path: str | os.PathLike):
         from safetensors import SafetensorError, safe_open
 
         self.path = Path(path)
         self.label = str(path)
-        self._error = SafetensorError
         if not self.path.is_file():
             raise AdapterError(f"{self.label}: no such file")
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         try:
+            # safe_open validates the header (offsets inside the file, no overlaps, dtypes)
             with safe_open(str(self.path), framework="pt") as f:
                 self.metadata = f.metadata() or {}
                 for k in f.keys():
@@ -95,9 +98,12 @@ class SafetensorsStore(TensorStore):
                     if dt is None:
                         raise AdapterError(f"{self.label}: {k}: unsupported dtype {sl.get_dtype()}")
                     self._dtypes[k] = dt
-        except self._error as e:
+            self._data_start, self._offsets = _read_offsets(self.path)
+        except SafetensorError as e:
             raise AdapterError(f"{self.label}: not a valid safetensors file ({e})") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+            if isinstance(e, AdapterError):
+                raise
             raise AdapterError(f"{self.label}: cannot read as safetensors ({e})") from None
 
     def keys(self) -> list[str]:
@@ -110,16 +116,38 @@ class SafetensorsStore(TensorStore):
         return self._dtypes[key]
 
     def get(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
+        keys = list(keys)
         out = {}
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                for k in keys:
-                    out[k] = f.get_tensor(k)
-        except self._error as e:
+            with open(self.path, "rb", buffering=0) as f:
+                for k in sorted(keys, key=lambda k: self._offsets[k][0]):    # in file order
+                    start, end = self._offsets[k]
+                    buf = torch.empty(end - start, dtype=torch.uint8)
+                    _read_exactly(f, self._data_start + start, buf, self.label, k)
+                    out[k] = buf.view(self._dtypes[k]).reshape(self._shapes[k])
+        except OSError as e:
             raise AdapterError(f"{self.label}: cannot read tensor data ({e})") from None
-        return out
+        return {k: out[k] for k in keys}
+
+
+def _read_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Start of the data section and ``{key: (start, end)}`` byte ranges within it."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_exactly(f, pos: int, buf: torch.Tensor, label: str, key: str) -> None:
+    """Fill the uint8 tensor ``buf`` with the file's bytes from ``pos`` on."""
+    view = memoryview(buf.numpy())
+    f.seek(pos)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise AdapterError(f"{label}: {key}: the file ends inside the tensor's data")
+        done += got
 
 
 class DictStore(TensorStore):
@@ -183,6 +211,20 @@ class ModuleSpec:
         return (prod(self.a_shape) + prod(self.b_shape)) * self.dtype.itemsize
 
 
+class ReadStats:
+    """Factor bytes read from the adapters' stores and the seconds spent in those reads."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.bytes += nbytes
+            self.seconds += seconds
+
+
 @dataclass
 class Adapter:
     """An opened adapter: its modules (lazy) and what an output needs from its config.
@@ -198,11 +240,15 @@ class Adapter:
     config: dict = field(default_factory=dict)
     passthrough: list[str] = field(default_factory=list)
 
-    def load(self, names: Iterable[str], dtype: torch.dtype | None = None
+    def load(self, names: Iterable[str], dtype: torch.dtype | None = None, stats: ReadStats | None = None
              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Flattened factors ``{name: (A [r, n], B [m, r])}`` of the named modules, checked finite."""
+        """Flattened factors ``{name: (A [r, n], B [m, r])}`` of the named modules, checked finite.
+        ``stats`` (if given) counts the bytes and the seconds of the store's read call."""
         specs = [self.modules[n] for n in names]
+        t0 = time.perf_counter()
         raw = self.store.get([k for s in specs for k in (s.a_key, s.b_key)])
+        if stats is not None:
+            stats.add(sum(t.numel() * t.element_size() for t in raw.values()), time.perf_counter() - t0)
         out = {}
         for s in specs:
             pair = []
@@ -294,33 +340,54 @@ def plan_modules(adapters: list[Adapter]) -> list[ModuleEntry]:
 
 def plan_groups(entries: list[ModuleEntry], max_bytes: int) -> list[list[ModuleEntry]]:
     """Split the modules into groups of the same shape whose factors (all adapters) take at
-    most ``max_bytes`` (a single module larger than that is a group of its own)."""
+    most ``max_bytes`` (a single module larger than that is a group of its own).
+
+    Each shape's modules are cut, in order, into as few groups as the budget allows, and those
+    groups are made as even as possible: 600 MB of one shape under a 256 MB budget becomes
+    three groups of about 200 MB, not 256 + 256 + 88, so the largest group (what sets the peak
+    memory) is as small as the group count allows."""
     by_shape: dict[tuple, list[ModuleEntry]] = {}
     for e in entries:
         by_shape.setdefault(e.first.shape_key, []).append(e)
     groups = []
     for members in by_shape.values():
-        cur, size = [], 0
-        for e in members:
-            b = sum(s.nbytes for _, s in e.specs)
-            if cur and size + b > max_bytes:
-                groups.append(cur)
-                cur, size = [], 0
-            cur.append(e)
-            size += b
-        groups.append(cur)
+        sizes = [sum(s.nbytes for _, s in e.specs) for e in members]
+        count = len(_fill(sizes, max_bytes))
+        # the smallest cap that still gives ``count`` groups (filling greedily up to a cap
+        # gives the fewest groups for that cap)
+        lo, hi = max(sizes), max(max_bytes, max(sizes))
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(_fill(sizes, mid)) <= count:
+                hi = mid
+            else:
+                lo = mid + 1
+        groups += [[members[i] for i in idx] for idx in _fill(sizes, lo)]
     return groups
 
 
-def load_group(adapters: list[Adapter], group: list[ModuleEntry], dtype: torch.dtype | None
-               ) -> list[list[tuple[int, torch.Tensor, torch.Tensor, float]]]:
+def _fill(sizes: list[int], cap: int) -> list[list[int]]:
+    """Consecutive indices into groups, each group filled up to ``cap`` (a larger item alone)."""
+    out, cur, total = [], [], 0
+    for i, b in enumerate(sizes):
+        if cur and total + b > cap:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += b
+    out.append(cur)
+    return out
+
+
+def load_group(adapters: list[Adapter], group: list[ModuleEntry], dtype: torch.dtype | None,
+               stats: ReadStats | None = None) -> list[list[tuple[int, torch.Tensor, torch.Tensor, float]]]:
     """Factors of one group: per module, ``(adapter index, A [r, n], B [m, r], scale)`` for the
     adapters that adapt it. Each adapter's file is opened once for the whole group."""
     wanted: dict[int, list[str]] = {}
     for e in group:
         for i, s in e.specs:
             wanted.setdefault(i, []).append(e.name)
-    loaded = {i: adapters[i].load(names, dtype) for i, names in wanted.items()}
+    loaded = {i: adapters[i].load(names, dtype, stats) for i, names in wanted.items()}
     out = []
     for e in group:
         out.append([(i, *loaded[i][e.name], s.scale) for i, s in e.specs])
@@ -341,38 +408,105 @@ class LazyTensor:
         return self._load()
 
 
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor, in any order.
+
+    ``layout`` maps every name, in file order, to something with ``dtype`` and ``shape`` (a
+    meta tensor, a :class:`LazyTensor`, the tensor itself). The header is computed from it
+    and written first and the file is sized; :meth:`write` then puts each tensor's bytes at
+    its offset as soon as the tensor exists, so a producer can hand over tensors as it makes
+    them and drop them. The bytes on disk depend on ``layout`` and the tensors only, never
+    on the order of the writes. :meth:`close` checks that every tensor was written."""
+
+    def __init__(self, path: str | os.PathLike, layout: Mapping, metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        self._slots: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name, t in layout.items():
+            if t.dtype not in _TORCH_TO_ST:
+                raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+            shape = tuple(int(d) for d in t.shape)
+            nbytes = prod(shape) * t.dtype.itemsize
+            header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self._slots[name] = (offset, t.dtype, shape)
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)              # the format pads the header to 8 bytes
+        self._data_start = 8 + len(blob)
+        self._pending = set(self._slots)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _pwrite_all(self._fd, struct.pack("<Q", len(blob)) + blob, 0)
+            os.ftruncate(self._fd, self._data_start + offset)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @property
+    def pending(self) -> set[str]:
+        """Names not written yet."""
+        return set(self._pending)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._slots:
+            raise ValueError(f"{self.path}: {name}: not in the file's layout")
+        offset, dtype, shape = self._slots[name]
+        data = tensor.detach().to("cpu").contiguous()
+        if tuple(data.shape) != shape or data.dtype != dtype:
+            raise ValueError(f"{name}: expected {dtype} {shape}, got {data.dtype} {tuple(data.shape)}")
+        if data.numel():
+            _pwrite_all(self._fd, memoryview(data.reshape(-1).view(torch.uint8).numpy()), self._data_start + offset)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Check that every tensor was written, flush to disk, close."""
+        if self._fd < 0:
+            return
+        try:
+            if self._pending:
+                missing = sorted(self._pending)
+                raise ValueError(f"{self.path}: {len(missing)} tensors never written (first: {missing[0]})")
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        """Close without the checks (the caller removes the file)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | LazyTensor],
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` in the safetensors format, one tensor in memory at a time.
 
-    The header (names, dtypes, shapes, byte ranges) is computed from shapes alone, so
-    :class:`LazyTensor` entries are read just before their bytes are written."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in _TORCH_TO_ST:
-            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
-        nbytes = prod(t.shape) * t.dtype.itemsize
-        header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)              # the format pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    The header is computed from shapes alone, so :class:`LazyTensor` entries are read just
+    before their bytes are written."""
+    with SafetensorsWriter(path, tensors, metadata) as w:
         for name, t in tensors.items():
-            data = t.load() if isinstance(t, LazyTensor) else t
-            data = data.detach().to("cpu").contiguous()
-            if tuple(data.shape) != tuple(t.shape) or data.dtype != t.dtype:
-                raise ValueError(f"{name}: expected {t.dtype} {tuple(t.shape)}, "
-                                 f"got {data.dtype} {tuple(data.shape)}")
-            if data.numel():
-                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
+            w.write(name, t.load() if isinstance(t, LazyTensor) else t)
 
 
 # ---------------------------------------------------------------------------------------------

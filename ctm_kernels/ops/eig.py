@@ -16,25 +16,39 @@ from .. import backend as _backend
 from ._common import check, check_tensor
 
 # Where the compiled Jacobi beats torch.linalg.eigh, measured with
-# benchmarks/bench_eig_cpu.py (wall clock, medians, default threads) on this project's CPU
-# machine (2-core AMD EPYC, AVX2, torch 2.13 with MKL); benchmarks/results/eig_cpu.json:
+# benchmarks/bench_eig_cpu.py (wall clock, medians of 5, default threads, batch 256) on
+# this project's CPU machine (2-core AMD EPYC, AVX2, torch 2.13 with MKL; the machine was
+# shared and loaded, load average ~5); benchmarks/results/eig_cpu.json:
 #
-#   n     float64 batch 256: eigh / jacobi (us per matrix)   float32 batch 256
-#   8     FILLED_BY_MEASUREMENT
+#   n      float64 eigh / jacobi (us per matrix)   float32 eigh / jacobi
+#   4         4.1 /    1.9  (x2.2)                    1.9 /    0.7  (x2.8)
+#   8        27.2 /   26.8  (x1.0)                    5.6 /    4.8  (x1.2)
+#   12       52.0 /   50.6  (x1.0)                   46.9 /   46.6  (x1.0)
+#   16       96.1 /  139.1  (x0.7)                   80.1 /   97.8  (x0.8)
+#   24      174.8 /  294.5  (x0.6)                  117.5 /  298.6  (x0.4)
+#   64     4018.8 / 5310.1  (x0.8)                 2110.5 / 5579.6  (x0.4)
 #
-# Jacobi costs ~8 sweeps of O(n^3) rotations against LAPACK's tridiagonal route, so it
-# only pays for small n, where the per-matrix overhead of the LAPACK calls dominates
-# and the Jacobi runs vectorised over 4 (float64) or 8 (float32) matrices at a time on
-# both cores. On the GPU the CUDA Jacobi is not used automatically until measured
-# (benchmarks/gpu_check.sh reports it): JACOBI_MAX_N has no CUDA entry.
-JACOBI_MAX_N = {("cpu", torch.float64): 0, ("cpu", torch.float32): 0}
+# (At n = 32..48 the Jacobi won some runs only because MKL's threads thrashed on the
+# loaded machine; single-thread CPU time there is ~100 us for eigh against ~300-400 us
+# for the Jacobi at n = 32, so those sizes stay with LAPACK.) Jacobi costs ~8 sweeps of
+# O(n^3) rotations against LAPACK's tridiagonal route, so it only pays for small n, where
+# the per-matrix overhead of the LAPACK calls dominates and the Jacobi runs vectorised over
+# 4 (float64) or 8 (float32) matrices at a time on both cores. On the GPU the CUDA Jacobi
+# is not used automatically until measured (benchmarks/gpu_check.sh reports it), so
+# JACOBI_MAX_N has no CUDA entry.
+JACOBI_MAX_N = {("cpu", torch.float64): 12, ("cpu", torch.float32): 12}
 JACOBI_MIN_BATCH = 8
 
-# topk_eigh with a warm start switches to subspace iteration from this size on (dense
-# eigh is O(p^3), one subspace step O(p^2 k)); measured by bench_eig_cpu.py as well.
-SUBSPACE_MIN_P = 10**9
+# topk_eigh with a warm start switches to subspace iteration from this size on, None:
+# never automatically. Measured by bench_eig_cpu.py (4 layers, k = 16, start = exact
+# subspace + 1e-3 noise, spectra of Z Z^T with 40 nonzero eigenvalues): p = 256 dense
+# 233 ms / subspace 841 ms (46 steps), p = 512 1311 ms / 2606 ms (92 steps); the gap
+# lambda_{b+1} / lambda_k of such spectra makes plain subspace iteration slow, so the
+# engine keeps the dense solve and the iteration is only used on request
+# (method="subspace").
+SUBSPACE_MIN_P = None
 
-METHODS = ("auto", "lapack", "jacobi")
+METHODS = ("auto", "lapack", "jacobi")  # eigh_batched; topk_eigh also takes "subspace"
 
 
 def _jacobi_pays(M: torch.Tensor) -> bool:
@@ -63,11 +77,12 @@ def topk_eigh(M, k, *, X0=None, method="auto", tol=1e-9, max_iter=100):
     """M ``[L, p, p]`` symmetric -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``).
 
     ``X0 [L, p, k0]``: optional starting block (e.g. the previous iterate of an outer
-    loop); when given and ``p >= SUBSPACE_MIN_P`` (or ``method="subspace"``), the top
+    loop); when given with ``method="subspace"`` (or ``p >= SUBSPACE_MIN_P``), the top
     pairs come from :func:`subspace_topk` (M must then be positive semidefinite), with a
     dense solve for any layer that did not converge."""
     check(isinstance(k, int) and 0 <= k <= M.shape[-1], "eig", f"k must be in [0, {M.shape[-1]}], got {k!r}")
-    use_subspace = X0 is not None and (method == "subspace" or (method == "auto" and M.shape[-1] >= SUBSPACE_MIN_P))
+    auto = method == "auto" and SUBSPACE_MIN_P is not None and M.shape[-1] >= SUBSPACE_MIN_P
+    use_subspace = X0 is not None and (method == "subspace" or auto)
     if use_subspace and k > 0:
         w, Q, _, ok = subspace_topk(M, k, X0, tol=tol, max_iter=max_iter)
         if not bool(ok.all()):
