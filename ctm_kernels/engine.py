@@ -310,9 +310,10 @@ class _Anderson:
         k = len(self.xs)
         if k < 2:
             return g
-        align = lambda X: (X @ _polar(X.mT @ g)).reshape(L, -1)
-        X = torch.stack([align(v) for v in self.xs], -1)            # [L, R r, k]
-        G = torch.stack([align(v) for v in self.gs], -1)
+        # all stored bases re-expressed in g's frame with one batched r x r polar factor
+        H = torch.stack(self.xs + self.gs)                           # [2k, L, R, r]
+        H = (H @ _polar(H.mT @ g)).reshape(2 * k, L, -1).permute(1, 2, 0)   # [L, R r, 2k]
+        X, G = H[..., :k], H[..., k:]
         F = G - X
         valid = torch.arange(k - 1, device=x.device)[None, :] >= (k - self.age)[:, None]   # [L, k-1]
         dF = F.diff(dim=-1) * valid[:, None, :]
@@ -500,29 +501,32 @@ class GroupPlan:
         self._dense_bases = bases
         self.C = torch.stack(C)
 
-    def merge(self, method="ties", *, scale=1.0, **rule_params) -> list[MergedLayer]:
+    def merge(self, method="ties", *, scale=1.0, only=None, **rule_params) -> list[MergedLayer]:
+        """Merged layers of the group (``only``: a slice of its layers, e.g. ``slice(j, j+1)``)."""
         params = resolve_params(method, rule_params)
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale!r}")
-        Cm = apply_rule(method, self.C, layer_ids=self.layer_ids, **params)   # [L, r, r]
+        sel = slice(None) if only is None else only
+        infos = self.infos[sel]
+        Cm = apply_rule(method, self.C[sel], layer_ids=self.layer_ids[sel], **params)   # [L, r, r]
         if self._dense_bases is not None:
             out = []
-            for l, (U, V) in enumerate(self._dense_bases):
+            for l, (U, V) in enumerate(self._dense_bases[sel]):
                 Bo, Ao = ref_balanced_factors(U, Cm[l], V, float(scale))
-                out.append(MergedLayer(Ao.to(self.out_dtype), Bo.to(self.out_dtype), self.infos[l], method, params))
+                out.append(MergedLayer(Ao.to(self.out_dtype), Bo.to(self.out_dtype), infos[l], method, params))
             return out
         X, S, Yh = torch.linalg.svd(Cm)
         root = S.sqrt()
         g = abs(float(scale)) ** 0.5
         sign = 1.0 if scale >= 0 else -1.0
-        left = sign * g * (self.Phi @ X) * root[:, None, :]                   # [L, R, r]
-        right = g * root[:, :, None] * (Yh @ self.Psi.mT)                     # [L, r, R]
-        Bo, Ao = lift_op.lift(self.Bh, self.Ah, self.colscale, left, right,
+        left = sign * g * (self.Phi[sel] @ X) * root[:, None, :]              # [L, R, r]
+        right = g * root[:, :, None] * (Yh @ self.Psi[sel].mT)                # [L, r, R]
+        Bo, Ao = lift_op.lift(self.Bh[sel], self.Ah[sel], self.colscale[sel], left, right,
                               SOLVE_DTYPE if self.device.type == "cpu" else torch.float32,
                               backend=self.backend)
         Bo, Ao = canonical_signs(Bo, Ao)
         Bo, Ao = Bo.to(self.out_dtype), Ao.to(self.out_dtype)
-        return [MergedLayer(Ao[l], Bo[l], self.infos[l], method, params) for l in range(len(self.infos))]
+        return [MergedLayer(Ao[l], Bo[l], infos[l], method, params) for l in range(len(infos))]
 
 
 class Plan:
@@ -550,7 +554,7 @@ class Plan:
         return self._group.C[0]
 
     def merge(self, method="ties", *, scale=1.0, **rule_params) -> MergedLayer:
-        return self._group.merge(method, scale=scale, **rule_params)[0]
+        return self._group.merge(method, scale=scale, only=slice(0, 1), **rule_params)[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -653,7 +657,7 @@ class _GroupMember(Plan):
         return self._group.C[self._j]
 
     def merge(self, method="ties", *, scale=1.0, **rule_params) -> MergedLayer:
-        return self._group.merge(method, scale=scale, **rule_params)[self._j]
+        return self._group.merge(method, scale=scale, only=slice(self._j, self._j + 1), **rule_params)[0]
 
 
 def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, tol=1e-4,
