@@ -7,7 +7,8 @@ Per configuration, correctness first:
   likewise; with ``sum`` at rank >= R the merged update must equal the dense sum (1e-5);
 * where it fits (m <= --ref-max), the fast path must match the fp64 reference at tight tol.
 Then every method is timed side by side in the same process (medians of --repeat runs) and,
-in a fresh process each, its peak RSS above the process's baseline after the inputs exist.
+in a fresh process each, its peak RSS above the process's RSS once the inputs exist (the
+peak is reset there, so the import of torch does not hide small peaks).
 
     python benchmarks/bench_layer.py                         # the default sweep (CPU)
     python benchmarks/bench_layer.py --quick                 # a small smoke run
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ctm_kernels as ck  # noqa: E402
 from ctm_kernels import reference as ref  # noqa: E402
-from benchmarks.common import header, median_time, peak_rss_mib, run_child, table, write_json  # noqa: E402
+from benchmarks.common import (header, median_time, peak_rss_mib, reset_peak_rss, rss_mib, run_child, table,
+                               write_json)  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 METHODS = ["ctm", "ctm_remerge", "mtc_full_svd", "full_param", "core_mtc", "reference"]
@@ -111,10 +113,11 @@ def mem_child(argv):
     A, B = make_adapters(kind, m, m, T, r, DTYPES[dt], "cpu")
     params = {"top_k": 0.2} if rule in ("ties", "dare_ties") else {}
     gc.collect()
-    base = peak_rss_mib()
     if method == "ctm_remerge":
         plan = ck.prepare(A, B, rank=r, tol=tol)
-        base = peak_rss_mib()
+    reset_peak_rss()
+    base = rss_mib()
+    if method == "ctm_remerge":
         plan.merge(rule, **params)
     else:
         run_method(method, A, B, r, rule, params, tol)
@@ -181,7 +184,6 @@ def main(argv=None):
                     print(table([row], ["kind", "m", "T", "r", "hooi_iterations", "ctm_s", "ctm_remerge_s",
                                         "mtc_full_svd_s", "full_param_s", "core_mtc_s", "reference_s",
                                         "speedup_vs_mtc_full_svd"]), flush=True)
-                    del A, B
                     gc.collect()
     cols = ["kind", "m", "T", "r", "hooi_iterations", "ctm_s", "ctm_remerge_s", "mtc_full_svd_s", "full_param_s",
             "core_mtc_s", "reference_s", "speedup_vs_mtc_full_svd", "ctm_mib", "mtc_full_svd_mib", "core_mtc_mib"]

@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.layout, a.adapters, a.ranks, a.rank, a.layers = "tiny", 4, (8, 16), 8, None
 
+    head = header()                     # machine load and commit as the run starts
     spec = SynthSpec(layout=a.layout, adapters=a.adapters, ranks=tuple(a.ranks), dtype=a.dtype, seed=a.seed,
                      layers=a.layers)
     spec.check()
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
 
     print(table([row], ["layout", "modules", "T", "ranks", "factor_gib", "groups", "wall_s", "merge_s", "peak_rss_gib",
                         "read_s", "read_share", "wait_share", "iterations_mean"]))
-    payload = {**header(), "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},
+    payload = {**head, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},
                "set": name, "generated": bool(made), "generate_s": gen_s, "page_cache_evicted": evicted,
                "result": row, "report": {k: v for k, v in rep.items() if k not in ("adapters", "output")}}
     path = write_json("model_quick.json" if a.quick and not a.out else f"model_{name}.json", payload, a.out)

@@ -47,11 +47,15 @@ def versions() -> dict:
 
 
 def commit() -> str:
+    """HEAD of the repository, with ``+dirty`` when the tree has uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def header() -> dict:
@@ -78,9 +82,37 @@ def median_time(fn, *, repeat=5, warmup=1, device="cpu") -> float:
     return statistics.median(times)
 
 
+def _status_kib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: ``5 > /proc/self/clear_refs``), so that a later
+    :func:`peak_rss_mib` measures what came after, not the import of torch."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mib() -> float:
+    """Current resident set size (MiB)."""
+    kib = _status_kib("VmRSS")
+    return kib / 1024.0 if kib is not None else peak_rss_mib()
+
+
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (MiB)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process since start or the last :func:`reset_peak_rss` (MiB)."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024.0
 
 

@@ -469,7 +469,7 @@ class _Job:
                 spec = group[0].first
                 desc = f"{len(group)} x {spec.kind} {spec.out_features}x{spec.in_features}"
                 if bar is not None:        # the group being merged now, and what has been read so far
-                    bar.set_postfix_str(f"{desc}, {T} adapters, read {self.reads.bytes / 2**20:,.0f} MiB")
+                    bar.set_postfix_str(f"{desc}, {T} adapters, read {self.reads.bytes / 2**20:,.1f} MiB")
                 self.stats.wait_seconds += waited
                 t0 = time.perf_counter()
                 merged = _merge_group(factors, group, self.firsts[gi], self.weights, **self.engine_kw)

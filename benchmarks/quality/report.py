@@ -3,53 +3,24 @@
 from __future__ import annotations
 
 import csv
-import datetime
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import sklearn
-import torch
 
 import ctm_kernels
+from benchmarks.common import header
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
-def _commit() -> str:
-    """HEAD of the repository, with ``+dirty`` when the tree has uncommitted changes."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty.strip() else "")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def metadata() -> dict:
     """Machine, library versions, commit and date of a run."""
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "scikit-learn": sklearn.__version__, "ctm_kernels": ctm_kernels.__version__},
-    }
+    meta = header()
+    meta["versions"].update({"numpy": np.__version__, "scikit-learn": sklearn.__version__,
+                             "ctm_kernels": ctm_kernels.__version__})
+    return meta
 
 
 def write_json(path: Path, payload: dict) -> None:
