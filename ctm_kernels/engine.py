@@ -447,8 +447,8 @@ class GroupPlan:
         rtol = WHITEN_RTOL[self.gram_dtype]
         if R <= min(self.m, self.n):
             # the usual case: both R x R Grams in one fused pass over the factors
-            G_B, G_A = gram_op.gram(self.Bh, self.Ah, self.colscale, out_dtype=self.gram_dtype,
-                                    backend=self.backend)
+            G_B, G_A = self._by_layer(lambda l: gram_op.gram(
+                self.Bh[l], self.Ah[l], self.colscale[l], out_dtype=self.gram_dtype, backend=self.backend), L)
             G_B, G_A = G_B.to(SOLVE_DTYPE), G_A.to(SOLVE_DTYPE)
             side_b, side_a = _whiten_inner(G_B, T, rtol), _whiten_inner(G_A, T, rtol)
         else:
@@ -483,6 +483,15 @@ class GroupPlan:
         seconds = (time.perf_counter() - t0) / L
         self.infos = [LayerInfo(sub.iterations[l], sub.converged[l], sub.last_step[l],
                                 kept[l].tolist(), self.norms[l].tolist(), seconds) for l in range(L)]
+
+    def _by_layer(self, fn, count):
+        """``fn(slice)`` over the group's layers, concatenated. On the CPU one layer at a time:
+        the torch ops upcast their inputs to float64, and a whole group at once would hold a
+        float64 copy of every layer's factors (4x a bf16 group); on the GPU one batched launch."""
+        if self.device.type != "cpu":
+            return fn(slice(0, count))
+        parts = [fn(slice(l, l + 1)) for l in range(count)]
+        return tuple(torch.cat(p) for p in zip(*parts))
 
     def _init_reference(self, layers, rank, beta, tol, max_iter, t0):
         """The ``reference`` backend: DESIGN section 2 on dense float64 updates (small layers)."""
@@ -520,9 +529,10 @@ class GroupPlan:
         sign = 1.0 if scale >= 0 else -1.0
         left = sign * g * (self.Phi[sel] @ X) * root[:, None, :]              # [L, R, r]
         right = g * root[:, :, None] * (Yh @ self.Psi[sel].mT)                # [L, r, R]
-        Bo, Ao = lift_op.lift(self.Bh[sel], self.Ah[sel], self.colscale[sel], left, right,
-                              SOLVE_DTYPE if self.device.type == "cpu" else torch.float32,
-                              backend=self.backend)
+        Bsel, Asel, csel = self.Bh[sel], self.Ah[sel], self.colscale[sel]        # views
+        lift_dtype = SOLVE_DTYPE if self.device.type == "cpu" else torch.float32
+        Bo, Ao = self._by_layer(lambda l: lift_op.lift(Bsel[l], Asel[l], csel[l], left[l], right[l], lift_dtype,
+                                                       backend=self.backend), len(left))
         Bo, Ao = canonical_signs(Bo, Ao)
         Bo, Ao = Bo.to(self.out_dtype), Ao.to(self.out_dtype)
         return [MergedLayer(Ao[l], Bo[l], infos[l], method, params) for l in range(len(infos))]
