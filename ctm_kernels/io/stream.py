@@ -12,6 +12,8 @@ Conv factors are flattened to ``A [r, in * prod(kernel)]`` and ``B [out, r]``.
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import os
 import shutil
@@ -55,22 +57,26 @@ def st_dtype(name: str) -> torch.dtype | None:
 # tensor stores: where an adapter's tensors live
 
 
-class TensorStore:
+class TensorStore(abc.ABC):
     """Names, shapes and dtypes of an adapter's tensors; the data is read on request."""
 
     label: str
 
+    @abc.abstractmethod
     def keys(self) -> list[str]:
-        raise NotImplementedError
+        """Every tensor name."""
 
+    @abc.abstractmethod
     def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        """Shape of tensor ``key`` (no data read)."""
 
+    @abc.abstractmethod
     def dtype(self, key: str) -> torch.dtype:
-        raise NotImplementedError
+        """Dtype of tensor ``key`` (no data read)."""
 
+    @abc.abstractmethod
     def get(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The named tensors, read now."""
 
 
 class SafetensorsStore(TensorStore):
