@@ -286,3 +286,14 @@ def test_unavailable_backend_raises(monkeypatch):
         ck.merge_layer(A, B, rank=rank, backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):
         ck.merge_layer(A, B, rank=rank, backend="cuda-magic")
+
+
+@pytest.mark.slow
+def test_many_adapters_at_scale_matches_reference():
+    """T = 48 adapters of rank 8 on a 160 x 144 layer (R = 384 > m, n): outer-Gram whitening on
+    both sides, against the dense fp64 reference at tight tol, with TIES."""
+    A, B = structured(160, 144, [8] * 48, seed=12)
+    dWs = ref.dense_updates(A, B)
+    want = ref.ctm(dWs, 8, "ties", tol=1e-10, max_iter=5000).dW
+    out = ck.merge_layer(A, B, rank=8, method="ties", tol=1e-10, max_iter=5000)
+    assert relerr(out.B @ out.A, want) <= 1e-6
