@@ -1,0 +1,134 @@
+"""Many adapters on one layer: time and peak RSS as T grows, CtM against the dense pipelines.
+
+Every (method, T) runs in a fresh process (peak RSS is that process's own, reset after the
+inputs exist) under a time limit; a run that does not finish or does not fit is recorded as
+such. Before timing, CtM is checked against the dense fp64 reference route at the largest T
+where that still fits (--check-T, tight tol).
+
+    python benchmarks/bench_many.py                                  # 1024^2, T = 64, 512
+    python benchmarks/bench_many.py --m 2048 --T 8,32,128,512        # the scaling table
+    python benchmarks/bench_many.py --quick                          # small smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ctm_kernels as ck  # noqa: E402
+from ctm_kernels import reference as ref  # noqa: E402
+from benchmarks.bench_layer import dense, make_adapters  # noqa: E402
+from benchmarks.common import header, peak_rss_mib, reset_peak_rss, rss_mib, table, write_json  # noqa: E402
+
+METHODS = ("ctm", "mtc_full_svd", "core_mtc")
+
+
+def child(method, kind, m, T, r):
+    A, B = make_adapters(kind, m, m, T, r, torch.float32, "cpu")
+    reset_peak_rss()
+    base = rss_mib()
+    t0 = time.perf_counter()
+    info = {}
+    if method == "ctm":
+        out = ck.merge_layer(A, B, rank=r, method="ties")
+        info = {"sweeps": out.info.iterations, "converged": out.info.converged}
+    elif method == "mtc_full_svd":
+        ref.mtc(dense(A, B), r, "ties")
+    elif method == "core_mtc":
+        ref.core_mtc(A, B, r, "ties")
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib() - base, **info}))
+
+
+def check(kind, m, T, r):
+    """CtM (fast path) against the dense fp64 reference route at tight tol -> relative error."""
+    A, B = make_adapters(kind, m, m, T, r, torch.float32, "cpu")
+    want = ref.ctm(ref.dense_updates(A, B), r, "ties", tol=1e-9, max_iter=3000).dW
+    got = ck.merge_layer(A, B, rank=r, method="ties", tol=1e-9, max_iter=3000)
+    return ((got.B.double() @ got.A.double() - want).norm() / want.norm()).item()
+
+
+def fits(method, m, T, r, limit_gib):
+    R = T * r
+    need = {"ctm": 8 * (2 * m * R + 4 * min(m, R) * R),
+            "mtc_full_svd": 4 * 4 * T * m * m,           # dense updates + the rule's temporaries
+            "core_mtc": 8 * (R * R * T + 2 * m * R)}[method]
+    return need <= limit_gib * 2 ** 30
+
+
+def growth(rows, method, key):
+    """Least-squares exponent of ``key`` in T over the finished runs of ``method``."""
+    pts = [(math.log(r["T"]), math.log(r[key])) for r in rows
+           if r["method"] == method and r.get(key) and r[key] > 0 and r.get("status") == "ok"]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--m", type=int, default=1024)
+    p.add_argument("--T", default="64,512")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--kinds", default="structured,gaussian")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--check-T", type=int, default=64, help="T at which CtM is checked against the dense route")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    p.add_argument("--mem-limit-gib", type=float, default=16)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        method, kind, m, T, r = a.child
+        return child(method, kind, int(m), int(T), int(r))
+    if a.quick:
+        a.m, a.T, a.r, a.check_T, a.kinds = 128, "8,64", 4, 16, "structured"
+    rows, checks = [], {}
+    for kind in a.kinds.split(","):
+        err = check(kind, a.m, a.check_T, a.r)
+        checks[kind] = err
+        if err > 1e-4:
+            raise AssertionError(f"{kind}: CtM differs from the dense route at T={a.check_T}: {err:.2e}")
+        print(f"{kind}: CtM vs dense fp64 route at T={a.check_T}: relative error {err:.1e}", flush=True)
+        for T in map(int, a.T.split(",")):
+            for method in a.methods.split(","):
+                row = {"kind": kind, "m": a.m, "T": T, "r": a.r, "R": T * a.r, "method": method}
+                if not fits(method, a.m, T, a.r, a.mem_limit_gib):
+                    row["status"] = f"does not fit in {a.mem_limit_gib:g} GiB"
+                else:
+                    try:
+                        res = subprocess.run([sys.executable, __file__, "--child", method, kind, str(a.m), str(T),
+                                              str(a.r)], capture_output=True, text=True, timeout=a.timeout)
+                        if res.returncode == 0:
+                            row.update(json.loads(res.stdout.strip().splitlines()[-1]), status="ok")
+                        else:
+                            row["status"] = "failed: " + (res.stderr.strip().splitlines() or ["?"])[-1][:120]
+                    except subprocess.TimeoutExpired:
+                        row["status"] = f"over {a.timeout:g} s"
+                rows.append(row)
+                print(table([row], ["kind", "m", "T", "R", "method", "seconds", "peak_mib", "sweeps", "status"]),
+                      flush=True)
+    exps = {f"{kind}/{meth}": {"time": growth([r for r in rows if r["kind"] == kind], meth, "seconds"),
+                               "memory": growth([r for r in rows if r["kind"] == kind], meth, "peak_mib")}
+            for kind in a.kinds.split(",") for meth in a.methods.split(",")}
+    print("\n" + table(rows, ["kind", "m", "T", "R", "method", "seconds", "peak_mib", "sweeps", "status"]))
+    print("growth exponents in T (least squares over finished runs):", json.dumps(exps))
+    name = f"many_m{a.m}{'_quick' if a.quick else ''}.json"
+    path = write_json(name, {**header(), "args": vars(a), "check_relerr": checks, "rows": rows,
+                             "growth_exponents": exps}, a.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
