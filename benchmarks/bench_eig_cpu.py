@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import commit, machine, versions  # noqa: E402
+from benchmarks.common import commit, machine, median_time, versions  # noqa: E402
 from ctm_kernels import backend  # noqa: E402
 from ctm_kernels.ops import eig  # noqa: E402
 
@@ -57,16 +56,6 @@ def check_jacobi(M):
     return ev_err, proj_err
 
 
-def timed(fn, repeat):
-    fn()   # warm-up (allocations, thread pool)
-    out = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
 def bench_jacobi(sizes, dtypes, repeat, batch_override):
     rows = []
     for dtype in dtypes:
@@ -77,8 +66,8 @@ def bench_jacobi(sizes, dtypes, repeat, batch_override):
             # alternate the two so that load changes hit both alike
             t_lapack, t_jacobi = [], []
             for _ in range(repeat):
-                t_lapack.append(timed(lambda: torch.linalg.eigh(M), 1))
-                t_jacobi.append(timed(lambda: torch.ops.ctm_kernels.jacobi_eigh(M), 1))
+                t_lapack.append(median_time(lambda: torch.linalg.eigh(M), repeat=1))
+                t_jacobi.append(median_time(lambda: torch.ops.ctm_kernels.jacobi_eigh(M), repeat=1))
             row = {"dtype": str(dtype).replace("torch.", ""), "n": n, "batch": batch,
                    "eigh_us": 1e6 * statistics.median(t_lapack) / batch,
                    "jacobi_us": 1e6 * statistics.median(t_jacobi) / batch,
@@ -113,8 +102,8 @@ def bench_subspace(sizes, k, layers, repeat):
         X0 = Q0 + 1e-3 * torch.randn(Q0.shape, generator=g, dtype=torch.float64)
         w, Q, steps, ok = eig.subspace_topk(M, k, X0)
         err = (Q @ Q.mT - Q0 @ Q0.mT).norm(dim=(-2, -1)).max().item()
-        t_dense = timed(lambda: torch.linalg.eigh(M), repeat)
-        t_sub = timed(lambda: eig.subspace_topk(M, k, X0), repeat)
+        t_dense = median_time(lambda: torch.linalg.eigh(M), repeat=repeat)
+        t_sub = median_time(lambda: eig.subspace_topk(M, k, X0), repeat=repeat)
         row = {"p": p, "k": k, "layers": layers, "dense_ms": 1e3 * t_dense, "subspace_ms": 1e3 * t_sub,
                "steps_max": int(steps.max()), "converged": bool(ok.all()), "proj_err": err}
         rows.append(row)

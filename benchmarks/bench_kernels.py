@@ -25,9 +25,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +50,7 @@ ARGS = parse() if __name__ == "__main__" else None
 
 import torch  # noqa: E402
 
+from benchmarks.common import median_time  # noqa: E402
 from ctm_kernels import backend  # noqa: E402
 from ctm_kernels.ops.gram import gram_torch  # noqa: E402
 from ctm_kernels.ops.lift import lift_torch  # noqa: E402
@@ -68,13 +67,7 @@ def bench(fn, device, reps=5):
     if device.type == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e-3
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_time(fn, repeat=reps)
 
 
 def ceilings(device, tiny):

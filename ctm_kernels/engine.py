@@ -553,13 +553,12 @@ class GroupPlan:
 
 
 class Plan:
-    """Plan of one layer (see :func:`prepare`)."""
+    """Plan of one layer (see :func:`prepare`): layer ``j`` of a (possibly batched) group plan."""
 
-    _j = 0
-
-    def __init__(self, group: GroupPlan):
+    def __init__(self, group: GroupPlan, j: int = 0):
         self._group = group
-        self.info = group.infos[0]
+        self._j = j
+        self.info = group.infos[j]
 
     def bases(self):
         """The shared subspace as dense orthonormal bases ``U [m, r]``, ``V [n, r]`` (one pass
@@ -574,10 +573,10 @@ class Plan:
     @property
     def coordinates(self) -> torch.Tensor:
         """``[T, r, r]``: ``C_t = U^T dW_t V`` of every adapter."""
-        return self._group.C[0]
+        return self._group.C[self._j]
 
     def merge(self, method="ties", *, scale=1.0, **rule_params) -> MergedLayer:
-        return self._group.merge(method, scale=scale, only=slice(0, 1), **rule_params)[0]
+        return self._group.merge(method, scale=scale, only=slice(self._j, self._j + 1), **rule_params)[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -663,24 +662,8 @@ def prepare_layers(layers, *, rank, beta=0.0, weights=None, tol=1e-4, max_iter=1
                               accelerate=accelerate, device=device, backend_name=backend,
                               layer_ids=[ids[i] for i in chunk])
             for j, i in enumerate(chunk):
-                plans[i] = _GroupMember(group, j)
+                plans[i] = Plan(group, j)
     return plans
-
-
-class _GroupMember(Plan):
-    """Layer ``j`` of a batched group plan."""
-
-    def __init__(self, group: GroupPlan, j: int):
-        self._group = group
-        self._j = j
-        self.info = group.infos[j]
-
-    @property
-    def coordinates(self):
-        return self._group.C[self._j]
-
-    def merge(self, method="ties", *, scale=1.0, **rule_params) -> MergedLayer:
-        return self._group.merge(method, scale=scale, only=slice(self._j, self._j + 1), **rule_params)[0]
 
 
 def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, tol=1e-4,
