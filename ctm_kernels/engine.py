@@ -57,6 +57,9 @@ WHITEN_RTOL = {torch.float64: 1e-13, torch.float32: 1e-7}
 # of the step, lost 2-8x of that on the gaussian sets.
 ANDERSON_DEPTH = 10   # iterates kept
 RESTART_GROWTH = 2.0  # a plain step this many times the last one restarts the accelerator
+FAST_DTYPE = torch.float32
+FAST_UNTIL = 1e-3     # sweeps run in FAST_DTYPE until every active layer's step is below this
+FAST_STALL = 15       # or until a layer has not improved for this many sweeps
 STALL_SWEEPS = 30     # sweeps without a new lowest step before a layer falls back to plain HOOI
 
 
@@ -222,7 +225,8 @@ def _top_r(Z, r, X0=None, inner_tol=1e-10):
         w, U = eig_op.topk_eigh(Z @ Z.mT, r)
     else:
         w, U = _krylov_top_r(Z, r, X0, inner_tol)
-    live = w > NULL_RTOL * w[:, :1].clamp(min=0)
+    null_rtol = NULL_RTOL if w.dtype == torch.float64 else 100 * torch.finfo(w.dtype).eps
+    live = w > null_rtol * w[:, :1].clamp(min=0)
     return w, U * live[:, None, :]
 
 
@@ -349,8 +353,12 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
                    accelerate=True) -> Subspace:
     """Tucker-2 subspace of a group from its whitened sides and subspace weights ``c [L, T]``.
 
-    Runs in float64. Layers stop independently: a converged layer is frozen, so a layer's
-    answer does not depend on the batch it is solved in."""
+    Iterates are float64. With acceleration, a layer's first sweeps compute their half-steps
+    in ``FAST_DTYPE`` (half the cost of the products and eigensolves that dominate a sweep)
+    until its step falls below ``FAST_UNTIL``; the sweeps that decide convergence are float64,
+    so the fixed point is the float64 one. Plain HOOI is float64 throughout: it is the
+    reference iteration, step for step. Layers stop independently (a converged layer is
+    frozen and no longer computed), so a layer's answer does not depend on its batch."""
     Rb, Ra, c = side_b.Rf, side_a.Rf, c.to(SOLVE_DTYPE)
     L, _, R = Rb.shape
     rb = R // T
@@ -360,6 +368,28 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
     inner_tol = min(1e-10, tol * 1e-3)
     U = _hosvd(Rb, side_a.blocks, c, T, r)
     V = _hosvd(Ra, side_b.blocks, c, T, r)
+    fast = torch.full((L,), accelerate and FAST_UNTIL is not None and tol < FAST_UNTIL, device=Rb.device)
+    low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
+
+    def half(u_side, Vin, X0, mask, inner):
+        """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep ``X0``."""
+        out = X0
+        for in_fast in (True, False):
+            sel = mask & (fast if in_fast else ~fast)
+            if not bool(sel.any()):
+                continue
+            if in_fast and not low:
+                low.update(zip("b a bc ac".split(), (X.to(FAST_DTYPE) for X in (Rb, Ra, Rbc, Rac))))
+            Rx, Ry = ((low["b"], low["ac"]) if u_side else (low["a"], low["bc"])) if in_fast else \
+                     ((Rb, Rac) if u_side else (Ra, Rbc))
+            if bool(sel.all()):
+                return _half_step(Rx, Ry, Vin.to(Rx.dtype), T, r, X0.to(Rx.dtype), inner)[1].to(SOLVE_DTYPE)
+            idx = sel.nonzero().squeeze(1)
+            out = out.clone() if out is X0 else out
+            out[idx] = _half_step(Rx[idx], Ry[idx], Vin[idx].to(Rx.dtype), T, r, X0[idx].to(Rx.dtype),
+                                  inner)[1].to(SOLVE_DTYPE)
+        return out
+
     iters = torch.zeros(L, dtype=torch.long, device=Rb.device)
     done = torch.zeros(L, dtype=torch.bool, device=Rb.device)
     steps = torch.full((L,), float("inf"), dtype=SOLVE_DTYPE, device=Rb.device)
@@ -369,22 +399,23 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
     acc = _Anderson() if accelerate else None
     x = V
     for _ in range(max_iter):
+        active = ~done
+        was_fast = fast.clone()
         # iterative solves need only be accurate next to how far HOOI still moves
-        inner = max(inner_tol, KRYLOV_STEP_SHARE * float(steps[~done].min())) if bool((~done).any()) else inner_tol
-        U1 = _half_step(Rb, Rac, x, T, r, U, inner)[1]
-        V1 = _half_step(Ra, Rbc, U1, T, r, V, inner)[1]
+        inner = max(inner_tol, KRYLOV_STEP_SHARE * float(steps[active].min()))
+        U1 = half(True, x, U, active, inner)
+        V1 = half(False, U1, V, active, inner)
         step_v = sin_angle(x, V1)
         if accelerate:
             # U's step is the plain HOOI one from the current point, V1 -> U(V1); it is only
             # needed (one more half-step) where V's step already passes.
             step = step_v.clone()
-            check = ~done & (step_v <= tol)
+            check = active & ~was_fast & (step_v <= tol)
             if bool(check.any()):
-                U2 = _half_step(Rb, Rac, V1, T, r, U1, inner)[1]
+                U2 = half(True, V1, U1, check, inner)
                 step = torch.where(check, torch.maximum(step_v, sin_angle(U1, U2)), step_v)
         else:
             step = torch.maximum(sin_angle(U, U1), step_v)
-        active = ~done
         iters += active.long()
         grew = step > RESTART_GROWTH * steps
         steps = torch.where(active, step, steps)
@@ -397,7 +428,16 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
         plain_only |= stalled >= STALL_SWEEPS
         U = torch.where(active[:, None, None], U1, U)
         V = torch.where(active[:, None, None], V1, V)
-        done |= active & (step <= tol)
+        # float32 steps stop shrinking near 1e-6: hand over to float64 well before that
+        hand = active & was_fast
+        if bool(hand.any()):
+            hand &= (step <= FAST_UNTIL) | (stalled >= FAST_STALL)
+            fast &= ~hand
+            best = torch.where(hand, float("inf"), best)
+            stalled = torch.where(hand, 0, stalled)
+            if not bool(fast.any()):
+                low.clear()
+        done |= active & ~was_fast & (step <= tol)
         if bool(done.all()):
             break
         if accelerate:

@@ -107,6 +107,36 @@ def test_acceleration_keeps_the_fixed_point(case):
     assert relerr(fast.B @ fast.A, conv.dW) <= 3 * relerr(plain.B @ plain.A, conv.dW) + 1e-9
 
 
+def test_early_sweeps_in_float32_converge_to_the_float64_fixed_point(monkeypatch):
+    """The accelerated solve starts in float32 and finishes in float64: every float32 sweep
+    comes before the float64 ones, and the answer is the float64 fixed point."""
+    from ctm_kernels import engine
+    A, B, scales, rank = _case("gaussian", torch.float64)
+    seen = []
+    half_step = engine._half_step
+    monkeypatch.setattr(engine, "_half_step", lambda Rx, *a, **k: seen.append(Rx.dtype) or half_step(Rx, *a, **k))
+    out = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, **TIGHT)
+    assert seen.count(torch.float32) >= 2 and seen[-1] == torch.float64
+    assert seen == sorted(seen, key=lambda d: d == torch.float64)       # no float32 after float64
+    want = ref.ctm(ref.dense_updates(A, B, scales), rank, "sum", **TIGHT).dW
+    assert relerr(out.B @ out.A, want) <= 1e-9
+
+
+def test_layer_answer_does_not_depend_on_its_batch():
+    """A layer that converges at once and one that takes many sweeps, in one batch: each takes
+    the sweeps and gives the answer it has alone (frozen layers are no longer computed; each
+    layer leaves float32 on its own step)."""
+    easy = structured(40, 36, [4, 4, 4], seed=30)
+    A, B = gaussian(40, 36, [4, 4, 4], seed=31)
+    hard = (A, B)
+    outs = ck.merge_layers([(*easy, None), (*hard, None)], rank=6, method="ties")
+    for (A, B), got in zip((easy, hard), outs):
+        alone = ck.merge_layer(A, B, rank=6, method="ties")
+        assert got.info.iterations == alone.info.iterations
+        assert relerr(got.B @ got.A, alone.B @ alone.A) <= 1e-8   # rounding of batched BLAS only
+    assert outs[0].info.iterations != outs[1].info.iterations
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_inputs(dtype):
     A, B, scales, rank = _case("structured", dtype)
