@@ -210,9 +210,10 @@ def _whiten_outer(F, T, rtol):
 
 # Top-r eigensolves of M = Z Z^T ([L, k, k]) are dense up to this k, then a warm-started
 # block Krylov method on Z that never forms M (O(k p b) per product instead of O(k^2 p)).
-# Measured at 1024^2, T=64, r=16 (k = 1024): dense 11.1 s / 19 sweeps, Krylov 35 s / 304
-# sweeps (its inexact solves slow HOOI down; tighter inner tolerances took 63-84 s).
-DENSE_MAX_K = 1024
+# Its inexact solves slow HOOI down, measured (r=16): 1024^2, T=64 (k = 1024): dense 11.1 s
+# / 19 sweeps, Krylov 35 s / 304 sweeps (tighter inner tolerances took 63-84 s); structured
+# 2048^2, T=128 (k = 2048): dense 85 s / 39 sweeps, Krylov 345 s / 575 sweeps.
+DENSE_MAX_K = 2048
 KRYLOV_INNER_MAX = 60
 KRYLOV_STEP_SHARE = 1e-3  # inner tolerance as a share of the last HOOI step
 
