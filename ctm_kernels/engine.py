@@ -58,9 +58,14 @@ WHITEN_RTOL = {torch.float64: 1e-13, torch.float32: 1e-7}
 ANDERSON_DEPTH = 10   # iterates kept
 RESTART_GROWTH = 2.0  # a plain step this many times the last one restarts the accelerator
 FAST_DTYPE = torch.float32
-FAST_UNTIL = 1e-3     # sweeps run in FAST_DTYPE until every active layer's step is below this
+FAST_UNTIL = 1e-2     # sweeps run in FAST_DTYPE until the layer's step is below this
 FAST_STALL = 15       # or until a layer has not improved for this many sweeps
-STALL_SWEEPS = 30     # sweeps without a new lowest step before a layer falls back to plain HOOI
+# A FAST_DTYPE half-step's basis is off by about eps * w_1 / w_r (w: the top-r eigenvalues);
+# a layer whose spread w_1 / w_r exceeds this is solved in float64 from the start. Measured
+# spreads: gaussian sets 1.2-2.7; structured ones (shared directions) 1e3-2.7e3, where the
+# float32 steps were wrong by up to 5e-2 and a T=512 solve took 26 sweeps instead of 3.
+FAST_MAX_SPREAD = 100.0
+STALL_SWEEPS = 30     # sweeps in which the lowest step has not halved before a layer falls back to plain HOOI
 
 
 @dataclass
@@ -373,8 +378,10 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
     low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
 
     def half(u_side, Vin, X0, mask, inner):
-        """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep ``X0``."""
-        out = X0
+        """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep ``X0``.
+        A layer whose half-step is too ill-conditioned for FAST_DTYPE leaves it for good and is
+        computed again in float64."""
+        out = X0.clone()
         for in_fast in (True, False):
             sel = mask & (fast if in_fast else ~fast)
             if not bool(sel.any()):
@@ -383,12 +390,15 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
                 low.update(zip("b a bc ac".split(), (X.to(FAST_DTYPE) for X in (Rb, Ra, Rbc, Rac))))
             Rx, Ry = ((low["b"], low["ac"]) if u_side else (low["a"], low["bc"])) if in_fast else \
                      ((Rb, Rac) if u_side else (Ra, Rbc))
-            if bool(sel.all()):
-                return _half_step(Rx, Ry, Vin.to(Rx.dtype), T, r, X0.to(Rx.dtype), inner)[1].to(SOLVE_DTYPE)
             idx = sel.nonzero().squeeze(1)
-            out = out.clone() if out is X0 else out
-            out[idx] = _half_step(Rx[idx], Ry[idx], Vin[idx].to(Rx.dtype), T, r, X0[idx].to(Rx.dtype),
-                                  inner)[1].to(SOLVE_DTYPE)
+            every = len(idx) == L    # no gather needed
+            w, Uh = _half_step(Rx if every else Rx[idx], Ry if every else Ry[idx], Vin[idx].to(Rx.dtype), T, r,
+                               X0[idx].to(Rx.dtype), inner)
+            if in_fast:
+                ok = w[:, 0] <= FAST_MAX_SPREAD * w[:, -1]
+                fast[idx[~ok]] = False
+                idx, Uh = idx[ok], Uh[ok]
+            out[idx] = Uh.to(SOLVE_DTYPE)
         return out
 
     iters = torch.zeros(L, dtype=torch.long, device=Rb.device)
@@ -396,6 +406,8 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
     steps = torch.full((L,), float("inf"), dtype=SOLVE_DTYPE, device=Rb.device)
     best = steps.clone()
     stalled = torch.zeros(L, dtype=torch.long, device=Rb.device)
+    mark = steps.clone()                                          # best step when it last halved
+    slow = torch.zeros(L, dtype=torch.long, device=Rb.device)    # sweeps since then
     plain_only = torch.zeros(L, dtype=torch.bool, device=Rb.device)
     acc = _Anderson() if accelerate else None
     x = V
@@ -423,10 +435,14 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
         improved = step < best
         best = torch.where(improved, step, best)
         stalled = torch.where(improved, 0, stalled + 1)
-        # a layer whose step has not reached a new low for STALL_SWEEPS sweeps continues with
-        # plain HOOI, which converges from anywhere (measured: gaussian T=64 at 256^2, R > m,
-        # the accelerated path oscillated for 3000 sweeps; plain HOOI converged in 301)
-        plain_only |= stalled >= STALL_SWEEPS
+        halved = best <= mark / 2
+        mark = torch.where(halved, best, mark)
+        slow = torch.where(halved, 0, slow + 1)
+        # a layer whose lowest step has not halved for STALL_SWEEPS sweeps continues with plain
+        # HOOI, which converges from anywhere (measured, gaussian at 256^2 with R > m: T=64
+        # oscillated for 3000 sweeps without a guard; T=256 crept on for 452-922 sweeps while
+        # the guard waited for "no new low", 264 with this one, plain HOOI alone 184)
+        plain_only |= slow >= STALL_SWEEPS
         U = torch.where(active[:, None, None], U1, U)
         V = torch.where(active[:, None, None], V1, V)
         # float32 steps stop shrinking near 1e-6: hand over to float64 well before that
@@ -436,6 +452,8 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
             fast &= ~hand
             best = torch.where(hand, float("inf"), best)
             stalled = torch.where(hand, 0, stalled)
+            mark = torch.where(hand, float("inf"), mark)
+            slow = torch.where(hand, 0, slow)
             if not bool(fast.any()):
                 low.clear()
         done |= active & ~was_fast & (step <= tol)
