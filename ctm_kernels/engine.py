@@ -60,13 +60,17 @@ RESTART_GROWTH = 2.0  # a plain step this many times the last one restarts the a
 FAST_DTYPE = torch.float32
 FAST_UNTIL = 1e-2     # sweeps run in FAST_DTYPE until the layer's step is below this
 FAST_STALL = 15       # or until a layer has not improved for this many sweeps
-# Measured side by side (medians of 3, same sweeps): gaussian 512^2, T=64 3.75 s -> 2.82 s;
-# 1024^2, T=64 33.6 s -> 26.5 s (one run); no change at T=8 (k = 128, where eigh is cheap).
+# Measured side by side (same sweeps), all-float64 -> float32 until 1e-2: gaussian 512^2,
+# T=64 3.75 s -> 2.82 s (medians of 3); 1024^2, T=64 33.6 s -> 26.5 s (one run); no change at
+# T=8 (k = 128, where eigh is cheap). Then float32 until 1e-2 -> float32 down to the noise
+# margin below: 512^2, T=32 2.50 -> 1.64 s, T=64 2.01 -> 1.43 s (medians of 3, 0-1 more
+# sweeps); 1024^2, T=64 21.9 -> 14.3 s (60 -> 66 sweeps).
 # A FAST_DTYPE half-step's basis is off by about eps * w_1 / w_r (w: the top-r eigenvalues);
 # a layer whose spread w_1 / w_r exceeds this is solved in float64 from the start. Measured
 # spreads: gaussian sets 1.2-2.7; structured ones (shared directions) 1e3-2.7e3, where the
 # float32 steps were wrong by up to 5e-2 and a T=512 solve took 26 sweeps instead of 3.
 FAST_MAX_SPREAD = 100.0
+FAST_NOISE_MARGIN = 1e3   # a layer leaves FAST_DTYPE at the latest when its step is this many times eps * spread
 STALL_SWEEPS = 30     # sweeps in which the lowest step has not halved before a layer falls back to plain HOOI
 
 
@@ -378,6 +382,8 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
     V = _hosvd(Ra, side_b.blocks, c, T, r)
     fast = torch.full((L,), accelerate and FAST_UNTIL is not None and tol < FAST_UNTIL, device=Rb.device)
     low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
+    # where a layer leaves FAST_DTYPE: well above its steps' rounding, eps * spread (see FAST_NOISE_MARGIN)
+    until = torch.full((L,), FAST_UNTIL or 0.0, dtype=SOLVE_DTYPE, device=Rb.device)
 
     def half(u_side, Vin, X0, mask, inner):
         """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep ``X0``.
@@ -397,9 +403,12 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
             w, Uh = _half_step(Rx if every else Rx[idx], Ry if every else Ry[idx], Vin[idx].to(Rx.dtype), T, r,
                                X0[idx].to(Rx.dtype), inner)
             if in_fast:
-                ok = w[:, 0] <= FAST_MAX_SPREAD * w[:, -1]
+                spread = w[:, 0].to(SOLVE_DTYPE) / w[:, -1].to(SOLVE_DTYPE).clamp(min=1e-300)
+                ok = spread <= FAST_MAX_SPREAD
                 fast[idx[~ok]] = False
                 idx, Uh = idx[ok], Uh[ok]
+                noise = FAST_NOISE_MARGIN * torch.finfo(FAST_DTYPE).eps * spread[ok]
+                until[idx] = torch.minimum(until[idx], noise.clamp(min=tol))
             out[idx] = Uh.to(SOLVE_DTYPE)
         return out
 
@@ -450,7 +459,7 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
         # float32 steps stop shrinking near 1e-6: hand over to float64 well before that
         hand = active & was_fast
         if bool(hand.any()):
-            hand &= (step <= FAST_UNTIL) | (stalled >= FAST_STALL)
+            hand &= (step <= until) | (stalled >= FAST_STALL)
             fast &= ~hand
             best = torch.where(hand, float("inf"), best)
             stalled = torch.where(hand, 0, stalled)

@@ -122,6 +122,29 @@ def test_early_sweeps_in_float32_converge_to_the_float64_fixed_point(monkeypatch
     assert relerr(out.B @ out.A, want) <= 1e-9
 
 
+@pytest.mark.parametrize("case", ["gaussian", "structured"])
+def test_float32_phase_follows_the_spread(case, monkeypatch):
+    """A layer with a small top-r spread (gaussian) stays in float32 below FAST_UNTIL, down to
+    its rounding margin; one with a large spread (structured: shared directions) is solved in
+    float64 from its first half-step (one float32 half-step measures the spread)."""
+    from ctm_kernels import engine
+    A, B, scales, rank = _case(case, torch.float64)
+    half_step = engine._half_step
+
+    def float32_half_steps(margin):
+        seen = []
+        monkeypatch.setattr(engine, "FAST_NOISE_MARGIN", margin)
+        monkeypatch.setattr(engine, "_half_step", lambda Rx, *a, **k: seen.append(Rx.dtype) or half_step(Rx, *a, **k))
+        ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, **TIGHT)
+        return seen.count(torch.float32)
+
+    adaptive, fixed = float32_half_steps(1e3), float32_half_steps(1e30)
+    if case == "gaussian":
+        assert adaptive > fixed > 0
+    else:
+        assert adaptive == fixed == 1
+
+
 def test_layer_answer_does_not_depend_on_its_batch():
     """A layer that converges at once and one that takes many sweeps, in one batch: each takes
     the sweeps and gives the answer it has alone (frozen layers are no longer computed; each
