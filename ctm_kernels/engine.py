@@ -58,7 +58,7 @@ WHITEN_RTOL = {torch.float64: 1e-13, torch.float32: 1e-7}
 ANDERSON_DEPTH = 10   # iterates kept
 RESTART_GROWTH = 2.0  # a plain step this many times the last one restarts the accelerator
 FAST_DTYPE = torch.float32
-FAST_UNTIL = 1e-2     # sweeps run in FAST_DTYPE until the layer's step is below this
+FAST_UNTIL = 1e-2     # sweeps run in FAST_DTYPE until the layer's step is below this (at most)
 FAST_STALL = 15       # or until a layer has not improved for this many sweeps
 # Measured side by side (same sweeps), all-float64 -> float32 until 1e-2: gaussian 512^2,
 # T=64 3.75 s -> 2.82 s (medians of 3); 1024^2, T=64 33.6 s -> 26.5 s (one run); no change at
@@ -237,8 +237,7 @@ def _top_r(Z, r, X0=None, inner_tol=1e-10):
         w, U = eig_op.topk_eigh(Z @ Z.mT, r)
     else:
         w, U = _krylov_top_r(Z, r, X0, inner_tol)
-    null_rtol = NULL_RTOL if w.dtype == torch.float64 else 100 * torch.finfo(w.dtype).eps
-    live = w > null_rtol * w[:, :1].clamp(min=0)
+    live = w > NULL_RTOL * w[:, :1].clamp(min=0)
     return w, U * live[:, None, :]
 
 
@@ -367,7 +366,8 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
 
     Iterates are float64. With acceleration, a layer's first sweeps compute their half-steps
     in ``FAST_DTYPE`` (half the cost of the products and eigensolves that dominate a sweep)
-    until its step falls below ``FAST_UNTIL``; the sweeps that decide convergence are float64,
+    until its step falls below ``FAST_UNTIL`` or its rounding margin, whichever is lower
+    (``FAST_NOISE_MARGIN``); the sweeps that decide convergence are float64,
     so the fixed point is the float64 one. Plain HOOI is float64 throughout: it is the
     reference iteration, step for step. Layers stop independently (a converged layer is
     frozen and no longer computed), so a layer's answer does not depend on its batch."""
@@ -380,10 +380,10 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
     inner_tol = min(1e-10, tol * 1e-3)
     U = _hosvd(Rb, side_a.blocks, c, T, r)
     V = _hosvd(Ra, side_b.blocks, c, T, r)
-    fast = torch.full((L,), accelerate and FAST_UNTIL is not None and tol < FAST_UNTIL, device=Rb.device)
+    fast = torch.full((L,), accelerate and tol < FAST_UNTIL, device=Rb.device)
     low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
     # where a layer leaves FAST_DTYPE: well above its steps' rounding, eps * spread (see FAST_NOISE_MARGIN)
-    until = torch.full((L,), FAST_UNTIL or 0.0, dtype=SOLVE_DTYPE, device=Rb.device)
+    until = torch.full((L,), FAST_UNTIL, dtype=SOLVE_DTYPE, device=Rb.device)
 
     def half(u_side, Vin, X0, mask, inner):
         """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep ``X0``.
@@ -456,7 +456,7 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
         plain_only |= slow >= STALL_SWEEPS
         U = torch.where(active[:, None, None], U1, U)
         V = torch.where(active[:, None, None], V1, V)
-        # float32 steps stop shrinking near 1e-6: hand over to float64 well before that
+        # FAST_DTYPE steps stop shrinking at their rounding: hand over to float64 well before it
         hand = active & was_fast
         if bool(hand.any()):
             hand &= (step <= until) | (stalled >= FAST_STALL)

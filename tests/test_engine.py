@@ -107,14 +107,19 @@ def test_acceleration_keeps_the_fixed_point(case):
     assert relerr(fast.B @ fast.A, conv.dW) <= 3 * relerr(plain.B @ plain.A, conv.dW) + 1e-9
 
 
+def _record_half_step_dtypes(monkeypatch):
+    """The dtype of every HOOI half-step the engine runs, in order (a list filled as it runs)."""
+    from ctm_kernels import engine
+    seen, half_step = [], engine._half_step
+    monkeypatch.setattr(engine, "_half_step", lambda Rx, *a, **k: seen.append(Rx.dtype) or half_step(Rx, *a, **k))
+    return seen
+
+
 def test_early_sweeps_in_float32_converge_to_the_float64_fixed_point(monkeypatch):
     """The accelerated solve starts in float32 and finishes in float64: every float32 sweep
     comes before the float64 ones, and the answer is the float64 fixed point."""
-    from ctm_kernels import engine
     A, B, scales, rank = _case("gaussian", torch.float64)
-    seen = []
-    half_step = engine._half_step
-    monkeypatch.setattr(engine, "_half_step", lambda Rx, *a, **k: seen.append(Rx.dtype) or half_step(Rx, *a, **k))
+    seen = _record_half_step_dtypes(monkeypatch)
     out = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, **TIGHT)
     assert seen.count(torch.float32) >= 2 and seen[-1] == torch.float64
     assert seen == sorted(seen, key=lambda d: d == torch.float64)       # no float32 after float64
@@ -129,12 +134,11 @@ def test_float32_phase_follows_the_spread(case, monkeypatch):
     float64 from its first half-step (one float32 half-step measures the spread)."""
     from ctm_kernels import engine
     A, B, scales, rank = _case(case, torch.float64)
-    half_step = engine._half_step
+    seen = _record_half_step_dtypes(monkeypatch)
 
     def float32_half_steps(margin):
-        seen = []
+        seen.clear()
         monkeypatch.setattr(engine, "FAST_NOISE_MARGIN", margin)
-        monkeypatch.setattr(engine, "_half_step", lambda Rx, *a, **k: seen.append(Rx.dtype) or half_step(Rx, *a, **k))
         ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, **TIGHT)
         return seen.count(torch.float32)
 
