@@ -60,11 +60,9 @@ RESTART_GROWTH = 2.0  # a plain step this many times the last one restarts the a
 FAST_DTYPE = torch.float32
 FAST_UNTIL = 1e-2     # sweeps run in FAST_DTYPE until the layer's step is below this (at most)
 FAST_STALL = 15       # or until a layer has not improved for this many sweeps
-# Measured side by side (same sweeps), all-float64 -> float32 until 1e-2: gaussian 512^2,
-# T=64 3.75 s -> 2.82 s (medians of 3); 1024^2, T=64 33.6 s -> 26.5 s (one run); no change at
-# T=8 (k = 128, where eigh is cheap). Then float32 until 1e-2 -> float32 down to the noise
-# margin below: 512^2, T=32 2.50 -> 1.64 s, T=64 2.01 -> 1.43 s (medians of 3, 0-1 more
-# sweeps); 1024^2, T=64 21.9 -> 14.3 s (60 -> 66 sweeps).
+# Measured side by side (benchmarks/bench_fast_phase.py, medians of 3), all-float64 / float32
+# until 1e-2 / float32 down to the noise margin below: gaussian 512^2, T=32 4.45 / 3.19 /
+# 1.92 s (39 / 39 / 40 sweeps), T=64 4.30 / 2.62 / 2.35 s (29 each); no gain at T=8 (k = 128).
 # A FAST_DTYPE half-step's basis is off by about eps * w_1 / w_r (w: the top-r eigenvalues);
 # a layer whose spread w_1 / w_r exceeds this is solved in float64 from the start. Measured
 # spreads: gaussian sets 1.2-2.7; structured ones (shared directions) 1e3-2.7e3, where the
