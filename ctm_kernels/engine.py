@@ -260,28 +260,37 @@ def _krylov_top_r(Z, r, X0, inner_tol):
     return w, X
 
 
-def _half_step(Rx, Ry, V, T, rank, X0=None, inner_tol=1e-10):
-    """Top-``rank`` eigenvectors of ``sum_t Rx_t (Ry_t^T V)(Ry_t^T V)^T Rx_t^T`` with
-    ``Rx [L, k, R]``, ``Ry [L, k', R]`` (blocks of ``rb`` columns per adapter, c_t folded into
-    Ry) and ``V [L, k', r]`` -> (eigenvalues ``[L, r]``, ``U [L, k, r]``, null columns zero)."""
+def blockwise(Rx, Y):
+    """``[Rx_1 Y_1, ..., Rx_T Y_T]`` ``[L, k, T p]`` for ``Rx [L, k, R]`` in ``T`` blocks of
+    ``rb`` columns and ``Y [L, T, rb, p]``."""
     L, k, R = Rx.shape
-    rb = R // T
-    Y = (Ry.mT @ V).reshape(L, T, rb, -1)                       # [L, T, rb, r]
-    Z = Rx.reshape(L, k, T, rb).permute(0, 2, 1, 3) @ Y          # [L, T, k, r]
-    Z = Z.permute(0, 2, 1, 3).reshape(L, k, -1)                  # [L, k, T r]
-    return _top_r(Z, rank, X0, inner_tol)
+    T, rb = Y.shape[1], Y.shape[2]
+    Z = Rx.reshape(L, k, T, rb).permute(0, 2, 1, 3) @ Y          # [L, T, k, p]
+    return Z.permute(0, 2, 1, 3).reshape(L, k, -1)
 
 
-def _hosvd(Rx, blocks_other, c, T, rank):
+def half_step_images(Rx, Ry, V, T):
+    """``Z = [Rx_t (Ry_t^T V)]_t`` ``[L, k, T r]``, so that ``Z Z^T`` is the matrix whose top
+    eigenvectors a HOOI half-step takes (``Rx [L, k, R]``, ``Ry [L, k', R]`` in blocks of ``rb``
+    columns per adapter, c_t folded into Ry, ``V [L, k', r]``)."""
+    L, _, R = Ry.shape
+    return blockwise(Rx, (Ry.mT @ V).reshape(L, T, R // T, -1))
+
+
+def _half_step(Rx, Ry, V, T, rank, X0=None, inner_tol=1e-10):
+    """Top-``rank`` eigenvectors of ``Z Z^T`` (:func:`half_step_images`) -> (eigenvalues
+    ``[L, r]``, ``U [L, k, r]``, null columns zero)."""
+    return _top_r(half_step_images(Rx, Ry, V, T), rank, X0, inner_tol)
+
+
+def _hosvd(Rx, blocks_other, c, rank):
     """HOSVD init: top eigenvectors of ``sum_t c_t^2 B_t (A_t A_t^T) B_t^T`` in whitened
     coordinates, ``Rx blockdiag(c_t^2 G_other[t, t]) Rx^T = Z Z^T`` with
     ``Z = [Rx_t c_t S_t]_t``, ``S_t`` the symmetric square root of ``G_other[t, t]``."""
-    L, k, R = Rx.shape
-    rb = R // T
+    L, k, _ = Rx.shape
     lam, Q = torch.linalg.eigh(blocks_other)                     # [L, T, rb], [L, T, rb, rb]
     root = (Q * lam.clamp(min=0).sqrt()[..., None, :]) @ Q.mT * c[:, :, None, None]
-    Z = Rx.reshape(L, k, T, rb).permute(0, 2, 1, 3) @ root       # [L, T, k, rb]
-    Z = Z.permute(0, 2, 1, 3).reshape(L, k, R)
+    Z = blockwise(Rx, root)                                      # [L, k, R]
     X0 = None
     if k > DENSE_MAX_K:   # a seeded random start: the same on every run and device
         g = torch.Generator().manual_seed(0)
@@ -376,8 +385,8 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
     Rbc, Rac = Rb * cc, Ra * cc
     r = min(rank, R)
     inner_tol = min(1e-10, tol * 1e-3)
-    U = _hosvd(Rb, side_a.blocks, c, T, r)
-    V = _hosvd(Ra, side_b.blocks, c, T, r)
+    U = _hosvd(Rb, side_a.blocks, c, r)
+    V = _hosvd(Ra, side_b.blocks, c, r)
     fast = torch.full((L,), accelerate and tol < FAST_UNTIL, device=Rb.device)
     low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
     # where a layer leaves FAST_DTYPE: well above its steps' rounding, eps * spread (see FAST_NOISE_MARGIN)
@@ -397,9 +406,8 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_it
             Rx, Ry = ((low["b"], low["ac"]) if u_side else (low["a"], low["bc"])) if in_fast else \
                      ((Rb, Rac) if u_side else (Ra, Rbc))
             idx = sel.nonzero().squeeze(1)
-            every = len(idx) == L    # no gather needed
-            w, Uh = _half_step(Rx if every else Rx[idx], Ry if every else Ry[idx], Vin[idx].to(Rx.dtype), T, r,
-                               X0[idx].to(Rx.dtype), inner)
+            take = (lambda X: X) if len(idx) == L else (lambda X: X[idx])   # no gather for a full batch
+            w, Uh = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), T, r, take(X0).to(Rx.dtype), inner)
             if in_fast:
                 spread = w[:, 0].to(SOLVE_DTYPE) / w[:, -1].to(SOLVE_DTYPE).clamp(min=1e-300)
                 ok = spread <= FAST_MAX_SPREAD

@@ -154,8 +154,7 @@ def test_layer_answer_does_not_depend_on_its_batch():
     the sweeps and gives the answer it has alone (frozen layers are no longer computed; each
     layer leaves float32 on its own step)."""
     easy = structured(40, 36, [4, 4, 4], seed=30)
-    A, B = gaussian(40, 36, [4, 4, 4], seed=31)
-    hard = (A, B)
+    hard = gaussian(40, 36, [4, 4, 4], seed=31)
     outs = ck.merge_layers([(*easy, None), (*hard, None)], rank=6, method="ties")
     for (A, B), got in zip((easy, hard), outs):
         alone = ck.merge_layer(A, B, rank=6, method="ties")
