@@ -196,7 +196,7 @@ def run_case(kind, m, T, a):
     row = {"kind": kind, "m": m, "T": T, "r": RANK, "rule": "ties"}
     # the answer key: the engine's fixed point at tight tol
     with recording_solves([]) as log:
-        ck.prepare(A, B, rank=RANK, tol=1e-10, max_iter=5000)
+        ck.prepare(A, B, rank=RANK, stop="subspace", tol=1e-10, max_iter=5000)
     tight = log[0]
     side_b, side_a, c, _, _ = tight["args"]
     c = c.to(engine.SOLVE_DTYPE)

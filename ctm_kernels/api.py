@@ -193,7 +193,7 @@ class MergeResult:
             f"merged {len(self.adapters)} adapters into {len(self.modules)} modules at rank {self.rank} "
             f"with {self.method}{f' ({params})' if params else ''} in {self.seconds:.2f} s",
             f"subspace iterations per module: mean {sum(its) / max(1, len(its)):.1f}, max {max(its, default=0)}"
-            + (f"; {unconverged} modules stopped at max_iter before reaching tol" if unconverged else ""),
+            + (f"; {unconverged} modules stopped at max_iter before their stop test passed" if unconverged else ""),
             "share of each adapter's update kept in the merged subspace:",
         ]
         width = max(len(a) for a in self.adapters)
@@ -593,7 +593,8 @@ def _write_output(job: _Job, result: MergeResult, dest: Path, overwrite: bool, t
 
 
 def merge(adapters: Sequence, *, rank: int, method: str = "ties", weights=None, beta: float = 0.0,
-          scale: float = 1.0, tol: float = 1e-4, max_iter: int = 1000, device=None, dtype=None,
+          scale: float = 1.0, stop: str = "energy", tol: float | None = None, max_iter: int = 1000,
+          device=None, dtype=None,
           max_group_bytes: int = DEFAULT_GROUP_BYTES, progress: bool | Callable | None = False,
           output: str | os.PathLike | None = None, format: str = "peft", overwrite: bool = False,
           kohya_prefix: str = DEFAULT_PREFIX, prefetch: bool = True, distributed: bool | None = None,
@@ -660,7 +661,7 @@ def merge(adapters: Sequence, *, rank: int, method: str = "ties", weights=None, 
             result._check_kohya()
             tensors_of(result.modules)          # embeddings and kohya name clashes fail here, before any read
     job = _Job(opened, groups, firsts, mine, cdtype, w, ranks, progress=progress, prefetch=prefetch,
-               engine_kw=dict(rank=rank, method=method, params=params, beta=beta, scale=scale, tol=tol,
+               engine_kw=dict(rank=rank, method=method, params=params, beta=beta, scale=scale, stop=stop, tol=tol,
                               max_iter=max_iter, device=device))
     if output is not None:
         infos = _write_output(job, result, Path(output), overwrite, tensors_of)

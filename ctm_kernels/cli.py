@@ -63,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 equalises the adapters' norms in the subspace search, 1 keeps them (default 0)")
     m.add_argument("--scale", type=float, default=1.0, metavar="F", help="global scale of the merged update")
     m.add_argument("--weights", type=_floats, metavar="W1,W2,...", help="one weight per adapter")
-    m.add_argument("--tol", type=float, default=1e-4, metavar="F",
-                   help="subspace convergence: sine of the largest principal angle per step (default 1e-4)")
+    m.add_argument("--stop", choices=["energy", "subspace"], default="energy",
+                   help="when the subspace search ends: energy (default) when the energy kept, in total "
+                        "and per adapter, has stopped changing; subspace when the subspaces have stopped "
+                        "moving (the exact fixed point, reproducible across devices)")
+    m.add_argument("--tol", type=float, default=None, metavar="F",
+                   help="tolerance of the stop test: energy: largest change still expected of the "
+                        "relative energy kept (default 1e-6); subspace: sine of the largest principal "
+                        "angle of a step (default 1e-4)")
     m.add_argument("--max-iter", type=int, default=1000, dest="max_iter", metavar="N",
                    help="most subspace iterations per module (default 1000)")
     m.add_argument("--format", choices=FORMATS, default="peft", help="output format (default peft)")
@@ -106,7 +112,7 @@ def _cmd_merge(args) -> int:
         raise UsageError(f"ctm merge: --report: no such directory for {args.report}")
     with _process_group(args.device) as (rank, device):
         result = merge(args.adapters, rank=args.rank, method=args.method, weights=args.weights, beta=args.beta,
-                       scale=args.scale, tol=args.tol, max_iter=args.max_iter, device=device,
+                       scale=args.scale, stop=args.stop, tol=args.tol, max_iter=args.max_iter, device=device,
                        dtype=None if args.dtype == "auto" else args.dtype,
                        max_group_bytes=args.max_group_mb * 2**20, progress=not args.quiet and rank == 0,
                        output=out, format=args.format, overwrite=args.overwrite, kohya_prefix=args.kohya_prefix,

@@ -40,7 +40,8 @@ from .ops import eig as eig_op
 from .ops import gram as gram_op
 from .ops import lift as lift_op
 from .ops import project as project_op
-from .reference import NULL_RTOL, canonical_signs, sin_angle, subspace_weights
+from .reference import (DEFAULT_TOL, ENERGY_WINDOW, NULL_RTOL, STOP_TESTS, canonical_signs, energy_left,
+                        sin_angle, subspace_weights)
 from .reference import balanced_factors as ref_balanced_factors
 from .reference import dense_updates as ref_dense_updates
 from .reference import tucker2 as ref_tucker2
@@ -70,6 +71,17 @@ FAST_STALL = 15       # or until a layer has not improved for this many sweeps
 FAST_MAX_SPREAD = 100.0
 FAST_NOISE_MARGIN = 1e3   # a layer leaves FAST_DTYPE at the latest when its step is this many times eps * spread
 STALL_SWEEPS = 30     # sweeps in which the lowest step has not halved before a layer falls back to plain HOOI
+MONOTONE_SLACK = 1e-12   # relative rounding allowed when an extrapolation is compared with a plain image
+# Extrapolation only where plain HOOI already converges steadily to its fixed point: the last
+# GATE_WINDOW ratios of successive plain steps below 1 and within GATE_DRIFT * (1 - ratio) of
+# each other. On the way past a saddle the ratio drifts up by 5-10% of (1 - ratio) per sweep
+# (gaussian 256^2, T = 64: 0.73 -> 0.99 over 15 sweeps, then the steps grow), and an
+# extrapolation there ended at another fixed point (objective 33.602 against plain HOOI's 33.579).
+GATE_WINDOW = 3
+GATE_DRIFT = 0.02
+# an extrapolation may move at most TRUST times the plain iteration's predicted remaining
+# distance, step * rate / (1 - rate), beyond the plain image
+TRUST = 2.0
 
 
 @dataclass
@@ -77,10 +89,12 @@ class LayerInfo:
     """What the subspace search did for one layer."""
     iterations: int
     converged: bool
-    last_step: float                       # sine of the last HOOI step (the stopping measure)
+    last_step: float                       # sine of the last plain HOOI step
     energy_kept: list[float]               # per adapter: ||U^T dW_t V||^2 / ||dW_t||^2
     norms: list[float]                     # per adapter: ||dW_t||_F
     seconds: float = 0.0
+    stopped_by: str = ""                   # the test that ended the solve: "energy", "subspace" or "max_iter"
+    objective: float = math.nan            # sum_t c_t^2 ||U^T dW_t V||^2 (what HOOI maximises)
 
 
 @dataclass
@@ -161,8 +175,11 @@ def check_layer(A, B, scales=None, weights=None, *, rank=None, layer=None):
     return m, n, ranks, s, w
 
 
-def _check_solver(tol, max_iter, beta):
-    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+def _check_solver(stop, tol, max_iter, beta):
+    if stop not in STOP_TESTS:
+        raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool)
+                                and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
@@ -298,6 +315,14 @@ def _hosvd(Rx, blocks_other, c, rank):
     return _top_r(Z, rank, X0)[1]
 
 
+def _orthonormal(X):
+    """Orthonormal basis of the columns of ``X [L, k, r]``, column j spanning the first j
+    (Householder QR, each column's sign kept)."""
+    Q, Rr = torch.linalg.qr(X)
+    sign = torch.sign(Rr.diagonal(dim1=-2, dim2=-1))
+    return Q * torch.where(sign == 0, 1.0, sign)[:, None, :]
+
+
 def _polar(M):
     X, _, Yh = torch.linalg.svd(M)
     return X @ Yh
@@ -319,13 +344,12 @@ class _Anderson:
         self.xs, self.gs = [], []
         self.age = None
 
-    def step(self, x, g, restart):
+    def step(self, x, g, hold):
         """Next iterate from the current point ``x`` and its image ``g`` (``[L, R, r]``);
-        layers in ``restart [L]`` drop their history and take ``g``."""
+        layers in ``hold [L]`` record the pair but take ``g``. Returns the next iterates and
+        ``[L]``: which of them are extrapolations (the others are ``g`` itself)."""
         L = x.shape[0]
-        if self.age is None:
-            self.age = torch.zeros(L, dtype=torch.long, device=x.device)
-        self.age = torch.where(restart, 0, self.age)
+        self._ensure(L, x.device)
         self.xs.append(x)
         self.gs.append(g)
         self.age = (self.age + 1).clamp(max=self.depth)
@@ -334,7 +358,7 @@ class _Anderson:
             self.gs.pop(0)
         k = len(self.xs)
         if k < 2:
-            return g
+            return g, torch.zeros(L, dtype=torch.bool, device=x.device)
         # all stored bases re-expressed in g's frame with one batched r x r polar factor
         H = torch.stack(self.xs + self.gs)                           # [2k, L, R, r]
         H = (H @ _polar(H.mT @ g)).reshape(2 * k, L, -1).permute(1, 2, 0)   # [L, R r, 2k]
@@ -351,9 +375,23 @@ class _Anderson:
         nxt = (G[..., -1:] - dG @ gamma).reshape(x.shape)
         wild = ~torch.isfinite(nxt).all(-1).all(-1) | (gamma.abs().amax((-2, -1)) > 1e4)
         self.age = torch.where(wild, 0, self.age)
-        plain = (restart | wild)[:, None, None]
-        Q, _ = torch.linalg.qr(torch.where(plain, g, nxt))
-        return torch.where(plain, g, Q)
+        plain = hold | wild | (self.age < 2)
+        Q, _ = torch.linalg.qr(torch.where(plain[:, None, None], g, nxt))
+        return torch.where(plain[:, None, None], g, Q), ~plain
+
+    def _ensure(self, L, device):
+        if self.age is None:
+            self.age = torch.zeros(L, dtype=torch.long, device=device)
+
+    def forget(self, mask):
+        """Drop the history of the layers in ``mask [L]``."""
+        self._ensure(len(mask), mask.device)
+        self.age = torch.where(mask, 0, self.age)
+
+    def keep_last(self, mask, count):
+        """Layers in ``mask [L]`` keep at most their last ``count`` iterates."""
+        self._ensure(len(mask), mask.device)
+        self.age = torch.where(mask, self.age.clamp(max=count), self.age)
 
 
 @dataclass
@@ -365,124 +403,284 @@ class Subspace:
     iterations: list[int]
     converged: list[bool]
     last_step: list[float]
+    stopped_by: list[str]    # per layer: "energy", "subspace" or "max_iter"
+    objective: list[float]   # per layer: sum_t c_t^2 ||U^T dW_t V||^2 at the answer
 
 
-def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, tol=1e-4, max_iter=1000,
-                   accelerate=True) -> Subspace:
-    """Tucker-2 subspace of a group from its whitened sides and subspace weights ``c [L, T]``.
+class _HOOISolve:
+    """The batched HOOI iteration of one group, as a state with named phases.
 
-    Iterates are float64. With acceleration, a layer's first sweeps compute their half-steps
-    in ``FAST_DTYPE`` (half the cost of the products and eigensolves that dominate a sweep)
-    until its step falls below ``FAST_UNTIL`` or its rounding margin, whichever is lower
-    (``FAST_NOISE_MARGIN``); the sweeps that decide convergence are float64,
-    so the fixed point is the float64 one. Plain HOOI is float64 throughout: it is the
-    reference iteration, step for step. Layers stop independently (a converged layer is
-    frozen and no longer computed), so a layer's answer does not depend on its batch."""
-    Rb, Ra, c = side_b.Rf, side_a.Rf, c.to(SOLVE_DTYPE)
-    L, _, R = Rb.shape
-    rb = R // T
-    cc = c.repeat_interleave(rb, dim=1)[:, None, :]              # [L, 1, R]
-    Rbc, Rac = Rb * cc, Ra * cc
-    r = min(rank, R)
-    inner_tol = min(1e-10, tol * 1e-3)
-    U = _hosvd(Rb, side_a.blocks, c, r)
-    V = _hosvd(Ra, side_b.blocks, c, r)
-    fast = torch.full((L,), accelerate and tol < FAST_UNTIL, device=Rb.device)
-    low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
-    # where a layer leaves FAST_DTYPE: well above its steps' rounding, eps * spread (see FAST_NOISE_MARGIN)
-    until = torch.full((L,), FAST_UNTIL, dtype=SOLVE_DTYPE, device=Rb.device)
+    One :meth:`sweep` from the current point ``x`` (a V basis, ``[L, ka, r]``):
 
-    def half(u_side, Vin, X0, mask, inner):
-        """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep ``X0``.
-        A layer whose half-step is too ill-conditioned for FAST_DTYPE leaves it for good and is
-        computed again in float64."""
+    1. ``_half(u_side=True)``: ``U1`` = top-r eigenvectors for ``x``, and the objective
+       ``F(x) = f(U1, x)``;
+    2. ``_monotone``: an extrapolated ``x`` is kept only if ``F(x)`` is at least the objective of
+       the plain image it replaces; otherwise the layer takes that image and the U half-step
+       is redone from it (and its extrapolation history is dropped);
+    3. ``_half(u_side=False)``: ``V1`` and the objective ``f(U1, V1)``;
+    4. ``_guards``, ``_watch_gate``: the stall guard, the float32 hand-over and the
+       extrapolation gate, from the plain step of this sweep;
+    5. the stop test of the layer: ``subspace`` (that step, float64 sweeps only) or
+       ``energy`` (``_energy_converged``);
+    6. ``_next_point``: the plain image ``V1`` or the Anderson extrapolation from it.
+
+    All iterates and objectives are float64; a layer's early half-steps may be computed in
+    ``FAST_DTYPE`` (see ``solve_subspace``). The answer is always a plain image pair
+    ``(U1, V1)``, never an extrapolated point."""
+
+    def __init__(self, side_b, side_a, c, T, rank, *, stop, tol, accelerate):
+        Rb, Ra, c = side_b.Rf, side_a.Rf, c.to(SOLVE_DTYPE)
+        L, _, R = Rb.shape
+        self.L, self.T, self.r = L, T, min(rank, R)
+        cc = c.repeat_interleave(R // T, dim=1)[:, None, :]       # [L, 1, R]
+        self.ops = {"b": Rb, "a": Ra, "bc": Rb * cc, "ac": Ra * cc}
+        self.low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
+        self.stop, self.tol, self.accelerate = stop, tol, accelerate
+        self.inner_tol = min(1e-10, tol * 1e-3) if stop == "subspace" else 1e-10
+        dev = Rb.device
+        self.U = _hosvd(Rb, side_a.blocks, c, self.r)
+        self.V = _hosvd(Ra, side_b.blocks, c, self.r)
+        self.x = self.V
+        self.f = torch.full((L,), -math.inf, dtype=SOLVE_DTYPE, device=dev)    # f(U, V) of the images
+        self.extrapolated = torch.zeros(L, dtype=torch.bool, device=dev)
+        self.iters = torch.zeros(L, dtype=torch.long, device=dev)
+        self.done = torch.zeros(L, dtype=torch.bool, device=dev)
+        self.stopped_by = ["max_iter"] * L
+        self.steps = torch.full((L,), math.inf, dtype=SOLVE_DTYPE, device=dev)
+        # the energy test: relative objective gains and the largest change of an adapter's
+        # energy kept over the last sweeps (newest last), and the energies kept
+        self.gains = torch.full((L, ENERGY_WINDOW), math.nan, dtype=SOLVE_DTYPE, device=dev)
+        self.moves = self.gains.clone()
+        self.kept = torch.full((L, T), math.nan, dtype=SOLVE_DTYPE, device=dev)
+        self.nu2 = (side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0)          # [L, T]
+        self.fast = torch.full((L,), accelerate and FAST_UNTIL > (tol if stop == "subspace" else 0.0), device=dev)
+        # where a layer leaves FAST_DTYPE: well above its steps' rounding, eps * spread, and
+        # never below a subspace tol (a step that small is decided in float64 anyway)
+        self.until = torch.full((L,), FAST_UNTIL, dtype=SOLVE_DTYPE, device=dev)
+        self.until_floor = tol if stop == "subspace" else 0.0
+        self.best = self.steps.clone()
+        self.stalled = torch.zeros(L, dtype=torch.long, device=dev)
+        self.mark = self.steps.clone()                            # best step when it last halved
+        self.slow = torch.zeros(L, dtype=torch.long, device=dev)  # sweeps since then
+        self.plain_only = torch.zeros(L, dtype=torch.bool, device=dev)
+        self.acc = _Anderson() if accelerate else None
+        # the extrapolation gate: ratios of successive plain steps, newest last
+        self.ratios = torch.full((L, GATE_WINDOW), math.nan, dtype=SOLVE_DTYPE, device=dev)
+        self.plain_step = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)
+        self.gate = torch.zeros(L, dtype=torch.bool, device=dev)
+        self.rate = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)   # plain contraction at opening
+
+    # -- phase: one half-step ------------------------------------------------------------
+    def _half(self, u_side, Vin, X0, mask, inner):
+        """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep
+        ``X0``. Returns the new basis ``[L, k, r]`` and, per layer, the objective ``f`` of the
+        new basis paired with ``Vin``, in float64. A layer whose half-step is too
+        ill-conditioned for FAST_DTYPE leaves it for good and is computed in float64."""
         out = X0.clone()
+        obj = torch.full((self.L,), math.nan, dtype=SOLVE_DTYPE, device=X0.device)
+        Rx64, Ry64 = (self.ops["b"], self.ops["ac"]) if u_side else (self.ops["a"], self.ops["bc"])
         for in_fast in (True, False):
-            sel = mask & (fast if in_fast else ~fast)
+            sel = mask & (self.fast if in_fast else ~self.fast)
             if not bool(sel.any()):
                 continue
-            if in_fast and not low:
-                low.update(zip("b a bc ac".split(), (X.to(FAST_DTYPE) for X in (Rb, Ra, Rbc, Rac))))
-            Rx, Ry = ((low["b"], low["ac"]) if u_side else (low["a"], low["bc"])) if in_fast else \
-                     ((Rb, Rac) if u_side else (Ra, Rbc))
+            if in_fast and not self.low:
+                self.low.update((k, X.to(FAST_DTYPE)) for k, X in self.ops.items())
+            Rx, Ry = ((self.low["b"], self.low["ac"]) if u_side else (self.low["a"], self.low["bc"])) \
+                if in_fast else (Rx64, Ry64)
             idx = sel.nonzero().squeeze(1)
-            take = (lambda X: X) if len(idx) == L else (lambda X: X[idx])   # no gather for a full batch
-            w, Uh = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), T, r, take(X0).to(Rx.dtype), inner)
+            take = (lambda X: X) if len(idx) == self.L else (lambda X: X[idx])   # no gather for a full batch
+            w, Uh = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), self.T, self.r,
+                               take(X0).to(Rx.dtype), inner)
             if in_fast:
                 spread = w[:, 0].to(SOLVE_DTYPE) / w[:, -1].to(SOLVE_DTYPE).clamp(min=1e-300)
                 ok = spread <= FAST_MAX_SPREAD
-                fast[idx[~ok]] = False
-                idx, Uh = idx[ok], Uh[ok]
+                self.fast[idx[~ok]] = False
+                idx, Uh = idx[ok], _orthonormal(Uh[ok].to(SOLVE_DTYPE))
                 noise = FAST_NOISE_MARGIN * torch.finfo(FAST_DTYPE).eps * spread[ok]
-                until[idx] = torch.minimum(until[idx], noise.clamp(min=tol))
+                self.until[idx] = torch.minimum(self.until[idx], noise.clamp(min=self.until_floor))
+                if len(idx):
+                    # the objective of the float64 iterate, exact: its error is second order in the
+                    # FAST_DTYPE basis's (the eigenvectors maximise it), so the monotone check and
+                    # the energy test can trust it (from the unorthonormalised basis it was off by
+                    # 3e-7, above the gains of a slow solve)
+                    Z = half_step_images(Rx64[idx], Ry64[idx], Vin[idx], self.T)
+                    obj[idx] = (Uh.mT @ Z).square().sum((-2, -1))
+            else:
+                obj[idx] = w.sum(-1)
             out[idx] = Uh.to(SOLVE_DTYPE)
-        return out
+        return out, obj
 
-    iters = torch.zeros(L, dtype=torch.long, device=Rb.device)
-    done = torch.zeros(L, dtype=torch.bool, device=Rb.device)
-    steps = torch.full((L,), float("inf"), dtype=SOLVE_DTYPE, device=Rb.device)
-    best = steps.clone()
-    stalled = torch.zeros(L, dtype=torch.long, device=Rb.device)
-    mark = steps.clone()                                          # best step when it last halved
-    slow = torch.zeros(L, dtype=torch.long, device=Rb.device)    # sweeps since then
-    plain_only = torch.zeros(L, dtype=torch.bool, device=Rb.device)
-    acc = _Anderson() if accelerate else None
-    x = V
-    for _ in range(max_iter):
-        active = ~done
-        was_fast = fast.clone()
+    # -- phase: keep an extrapolation only if it does at least as well as the plain image ---
+    def _monotone(self, U1, fa, active, inner):
+        reject = active & self.extrapolated & (fa < self.f - MONOTONE_SLACK * self.f.abs())
+        if bool(reject.any()):
+            self.x = torch.where(reject[:, None, None], self.V, self.x)
+            U1r, far = self._half(True, self.x, U1, reject, inner)
+            U1 = torch.where(reject[:, None, None], U1r, U1)
+            fa = torch.where(reject, far, fa)
+            self.extrapolated &= ~reject
+            self._close_gate(reject)
+        return U1, fa
+
+    # -- phase: the extrapolation gate ---------------------------------------------------
+    def _close_gate(self, mask):
+        """Layers in ``mask`` drop their extrapolation history and go back to plain sweeps
+        until these converge steadily again."""
+        self.gate &= ~mask
+        self.ratios = torch.where(mask[:, None], math.nan, self.ratios)
+        self.plain_step = torch.where(mask, math.nan, self.plain_step)
+        self.acc.forget(mask)
+
+    def _watch_gate(self, step, plain):
+        """Open the gate of layers whose plain steps (``plain [L]``: this sweep started from
+        a plain image) shrink at a steady rate (GATE_WINDOW, GATE_DRIFT)."""
+        ratio = step / self.plain_step
+        self.ratios = torch.where(plain[:, None], torch.cat([self.ratios[:, 1:], ratio[:, None]], 1), self.ratios)
+        self.plain_step = torch.where(plain, step, self.plain_step)
+        q = self.ratios
+        last = q[:, -1]
+        steady = ~torch.isnan(q).any(-1) & (q.amax(-1) < 1) & (q.amax(-1) - q.amin(-1) <= GATE_DRIFT * (1 - last))
+        opening = steady & ~self.gate
+        self.rate = torch.where(opening, last, self.rate)
+        self.gate |= steady
+        return opening
+
+    # -- phase: the stop tests -----------------------------------------------------------
+    def _energy_converged(self, fb, U1, V1, active):
+        """Energy test: by :func:`reference.energy_left`, the objective has less than ``tol``
+        (relative) left to gain and no adapter's energy kept will move by more than ``tol``.
+        The objective alone is not enough where the subspace weights differ from 1 (beta < 1
+        with adapters of different norms): it is stationary at the fixed point, an adapter's
+        energy kept is not, and at an objective within 1e-6 the total energy kept was 2e-4
+        from the converged one on such sets."""
+        gain = ((fb - self.f) / fb.abs().clamp(min=1e-300)).clamp(min=0)
+        kept = self._kept(U1, V1)
+        move = (kept - self.kept).abs().amax(-1)
+        roll = lambda H, x: torch.where(active[:, None], torch.cat([H[:, 1:], x[:, None]], 1), H)
+        self.gains, self.moves = roll(self.gains, gain), roll(self.moves, move)
+        self.kept = torch.where(active[:, None], kept, self.kept)
+        return torch.maximum(energy_left(self.gains), energy_left(self.moves)) <= self.tol
+
+    def _kept(self, U, V):
+        """``[L, T]``: ``||U^T dW_t V||^2 / ||dW_t||^2`` in whitened coordinates (0 for a zero adapter)."""
+        L, T = self.L, self.T
+        P = (self.ops["b"].mT @ U).reshape(L, T, -1, U.shape[-1])
+        Q = (self.ops["a"].mT @ V).reshape(L, T, -1, V.shape[-1])
+        kept = (P.mT @ Q).square().sum((-2, -1))
+        return torch.where(self.nu2 > 0, kept / self.nu2.clamp(min=1e-300), 0.0)
+
+    def sweep(self):
+        active = ~self.done
+        was_fast = self.fast.clone()
         # iterative solves need only be accurate next to how far HOOI still moves
-        inner = max(inner_tol, KRYLOV_STEP_SHARE * float(steps[active].min()))
-        U1 = half(True, x, U, active, inner)
-        V1 = half(False, U1, V, active, inner)
-        step_v = sin_angle(x, V1)
-        if accelerate:
+        inner = max(self.inner_tol, KRYLOV_STEP_SHARE * float(self.steps[active].min()))
+        U1, fa = self._half(True, self.x, self.U, active, inner)
+        if self.accelerate:
+            U1, fa = self._monotone(U1, fa, active, inner)
+        from_plain = active & ~self.extrapolated
+        V1, fb = self._half(False, U1, self.V, active, inner)
+        step_v = sin_angle(self.x, V1)
+        if self.accelerate:
             # U's step is the plain HOOI one from the current point, V1 -> U(V1); it is only
             # needed (one more half-step) where V's step already passes.
             step = step_v.clone()
-            check = active & ~was_fast & (step_v <= tol)
-            if bool(check.any()):
-                U2 = half(True, V1, U1, check, inner)
-                step = torch.where(check, torch.maximum(step_v, sin_angle(U1, U2)), step_v)
+            if self.stop == "subspace":
+                check = active & ~was_fast & (step_v <= self.tol)
+                if bool(check.any()):
+                    U2, _ = self._half(True, V1, U1, check, inner)
+                    step = torch.where(check, torch.maximum(step_v, sin_angle(U1, U2)), step_v)
         else:
-            step = torch.maximum(sin_angle(U, U1), step_v)
-        iters += active.long()
-        grew = step > RESTART_GROWTH * steps
-        steps = torch.where(active, step, steps)
-        improved = step < best
-        best = torch.where(improved, step, best)
-        stalled = torch.where(improved, 0, stalled + 1)
-        halved = best <= mark / 2
-        mark = torch.where(halved, best, mark)
-        slow = torch.where(halved, 0, slow + 1)
-        # a layer whose lowest step has not halved for STALL_SWEEPS sweeps continues with plain
-        # HOOI, which converges from anywhere (measured, gaussian at 256^2 with R > m: T=64
-        # oscillated for 3000 sweeps without a guard; T=256 crept on for 452-922 sweeps while
-        # the guard waited for "no new low", 264 with this one, plain HOOI alone 184)
-        plain_only |= slow >= STALL_SWEEPS
-        U = torch.where(active[:, None, None], U1, U)
-        V = torch.where(active[:, None, None], V1, V)
+            step = torch.maximum(sin_angle(self.U, U1), step_v)
+        self.iters += active.long()
+        grew = step > RESTART_GROWTH * self.steps
+        self.steps = torch.where(active, step, self.steps)
+        self._guards(step, active, was_fast)
+        if self.accelerate:
+            self._close_gate(active & (grew | self.plain_only))
+            opening = self._watch_gate(step, from_plain)
+        if self.stop == "subspace":     # float64 steps only: tol means what it says
+            stop_now = active & ~was_fast & (step <= self.tol)
+        else:                           # objectives are float64 in either phase
+            stop_now = active & self._energy_converged(fb, U1, V1, active)
+        self.f = torch.where(active, fb, self.f)
+        self.U = torch.where(active[:, None, None], U1, self.U)
+        self.V = torch.where(active[:, None, None], V1, self.V)
+        for l in stop_now.nonzero().squeeze(1).tolist():
+            self.stopped_by[l] = self.stop
+        self.done |= stop_now
+        if self.accelerate:
+            self._next_point(opening)
+        else:
+            self.x = self.V
+
+    def _guards(self, step, active, was_fast):
+        """Stall guard and the float32 hand-over (see the module constants)."""
+        improved = step < self.best
+        self.best = torch.where(improved, step, self.best)
+        self.stalled = torch.where(improved, 0, self.stalled + 1)
+        halved = self.best <= self.mark / 2
+        self.mark = torch.where(halved, self.best, self.mark)
+        # only extrapolating sweeps count: a layer whose gate is closed runs plain HOOI anyway
+        self.slow = torch.where(halved | ~self.gate, 0, self.slow + 1)
+        # a layer whose lowest step has not halved for STALL_SWEEPS extrapolating sweeps
+        # continues with plain HOOI, which converges from anywhere (measured, gaussian at 256^2
+        # with R > m: T=64 oscillated for 3000 sweeps without a guard; T=256 crept on for
+        # 452-922 sweeps while the guard waited for "no new low", 264 with this one)
+        self.plain_only |= self.slow >= STALL_SWEEPS
         # FAST_DTYPE steps stop shrinking at their rounding: hand over to float64 well before it
         hand = active & was_fast
         if bool(hand.any()):
-            hand &= (step <= until) | (stalled >= FAST_STALL)
-            fast &= ~hand
-            best = torch.where(hand, float("inf"), best)
-            stalled = torch.where(hand, 0, stalled)
-            mark = torch.where(hand, float("inf"), mark)
-            slow = torch.where(hand, 0, slow)
-            if not bool(fast.any()):
-                low.clear()
-        done |= active & ~was_fast & (step <= tol)
-        if bool(done.all()):
+            hand &= (step <= self.until) | (self.stalled >= FAST_STALL)
+            self.fast &= ~hand
+            for name in ("best", "mark"):
+                setattr(self, name, torch.where(hand, math.inf, getattr(self, name)))
+            self.stalled = torch.where(hand, 0, self.stalled)
+            self.slow = torch.where(hand, 0, self.slow)
+            if not bool(self.fast.any()):
+                self.low.clear()
+
+    # -- phase: the next point -----------------------------------------------------------
+    def _next_point(self, opening):
+        """Anderson extrapolation from the plain image where the gate is open and the
+        extrapolation stays within TRUST times the plain iteration's predicted remaining
+        distance; the plain image elsewhere (still recorded in the history)."""
+        self.acc.keep_last(opening, GATE_WINDOW + 1)          # history of the steady run only
+        nxt, extrapolated = self.acc.step(self.x, self.V, hold=~self.gate | self.done)
+        reach = TRUST * self.steps * self.rate / (1 - self.rate)
+        extrapolated &= sin_angle(self.V, nxt) <= reach
+        self.x = torch.where(extrapolated[:, None, None], nxt, self.V)
+        self.extrapolated = extrapolated
+
+    def result(self, side_b, side_a) -> Subspace:
+        # canonical order: columns by descending eigenvalue of their last update (eigh's order)
+        return Subspace(side_b.W @ self.U, side_a.W @ self.V, self.U, self.V, self.iters.tolist(),
+                        self.done.tolist(), self.steps.tolist(), list(self.stopped_by), self.f.tolist())
+
+
+def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, stop="energy", tol=None, max_iter=1000,
+                   accelerate=True) -> Subspace:
+    """Tucker-2 subspace of a group from its whitened sides and subspace weights ``c [L, T]``.
+
+    ``stop`` picks the test that ends a layer (DESIGN section 2, docs/DESIGN.md section 8):
+    ``"energy"`` when the objective ``sum_t ||U^T X_t V||^2`` has (by its recent gains) less
+    than ``tol`` (relative) left to gain, ``"subspace"`` when the plain HOOI step from the
+    current point moves U and V by a sine of at most ``tol``; ``tol=None`` takes
+    ``DEFAULT_TOL[stop]``.
+
+    Iterates are float64. With acceleration, a layer's first sweeps compute their half-steps
+    in ``FAST_DTYPE`` until its step falls below ``FAST_UNTIL`` or its rounding margin
+    (``FAST_NOISE_MARGIN``); only float64 sweeps can stop a layer. Extrapolated points are
+    kept only where they do at least as well as the plain image they replace, so the
+    objective never decreases. Plain HOOI (``accelerate=False``) is float64 throughout: it
+    is the reference iteration, step for step. Layers stop independently (a converged layer is
+    frozen and no longer computed), so a layer's answer does not depend on its batch."""
+    tol = DEFAULT_TOL[stop] if tol is None else tol
+    hooi = _HOOISolve(side_b, side_a, c, T, rank, stop=stop, tol=tol, accelerate=accelerate)
+    for _ in range(max_iter):
+        hooi.sweep()
+        if bool(hooi.done.all()):
             break
-        if accelerate:
-            nxt = acc.step(x, V1, grew | plain_only)
-            x = torch.where((done | plain_only)[:, None, None], V, nxt)
-        else:
-            x = V
-    # canonical order: columns by descending eigenvalue of their last update (eigh's order)
-    return Subspace(side_b.W @ U, side_a.W @ V, U, V, iters.tolist(), done.tolist(), steps.tolist())
+    return hooi.result(side_b, side_a)
 
 
 # ------------------------------------------------------------------------------------------
@@ -512,7 +710,7 @@ class GroupPlan:
     """The subspace and coordinates of a group of same-shape layers; ``merge`` re-merges with
     any rule and scale without touching the subspace (one rule + one lift per call)."""
 
-    def __init__(self, layers, *, rank, beta=0.0, tol=1e-4, max_iter=1000, accelerate=True,
+    def __init__(self, layers, *, rank, beta=0.0, stop="energy", tol=None, max_iter=1000, accelerate=True,
                  device=None, backend_name=None, layer_ids=None):
         t0 = time.perf_counter()
         A0, B0 = layers[0][0], layers[0][1]
@@ -525,7 +723,7 @@ class GroupPlan:
         self.backend = backend.resolve(self.device, backend_name)
         self.layer_ids = list(range(len(layers))) if layer_ids is None else list(layer_ids)
         if self.backend == "reference":
-            self._init_reference(layers, rank, beta, tol, max_iter, t0)
+            self._init_reference(layers, rank, beta, stop, tol, max_iter, t0)
             return
         self._dense_bases = None
         in_dtype = torch.promote_types(self.out_dtype, B0[0].dtype)
@@ -552,7 +750,8 @@ class GroupPlan:
         nu2 = (side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0)       # [L, T]
         self.norms = nu2.sqrt()
         c = torch.stack([subspace_weights(self.norms[l], beta) for l in range(L)])
-        sub = solve_subspace(side_b, side_a, c, T, rank, tol=tol, max_iter=max_iter, accelerate=accelerate)
+        sub = solve_subspace(side_b, side_a, c, T, rank, stop=stop, tol=tol, max_iter=max_iter,
+                             accelerate=accelerate)
         self.Phi, self.Psi = sub.Phi, sub.Psi
         if side_b.G is not None and side_a.G is not None:
             self.C = project_op.project(side_b.G, side_a.G, self.Phi, self.Psi, T,
@@ -572,7 +771,8 @@ class GroupPlan:
         kept = torch.where(nu2 > 0, kept.clamp(max=1.0), torch.zeros_like(kept))
         seconds = (time.perf_counter() - t0) / L
         self.infos = [LayerInfo(sub.iterations[l], sub.converged[l], sub.last_step[l],
-                                kept[l].tolist(), self.norms[l].tolist(), seconds) for l in range(L)]
+                                kept[l].tolist(), self.norms[l].tolist(), seconds, sub.stopped_by[l],
+                                sub.objective[l]) for l in range(L)]
 
     def _by_layer(self, fn, count):
         """``fn(slice)`` over the group's layers, concatenated. On the CPU one layer at a time:
@@ -583,19 +783,19 @@ class GroupPlan:
         parts = [fn(slice(l, l + 1)) for l in range(count)]
         return tuple(torch.cat(p) for p in zip(*parts))
 
-    def _init_reference(self, layers, rank, beta, tol, max_iter, t0):
+    def _init_reference(self, layers, rank, beta, stop, tol, max_iter, t0):
         """The ``reference`` backend: DESIGN section 2 on dense float64 updates (small layers)."""
         bases, C, self.infos = [], [], []
         for A, B, s, w in layers:
             dWs = ref_dense_updates(A, B, s, w).to(self.device)
             nu = torch.linalg.matrix_norm(dWs)
-            tk = ref_tucker2(subspace_weights(nu, beta)[:, None, None] * dWs, rank, tol, max_iter)
+            tk = ref_tucker2(subspace_weights(nu, beta)[:, None, None] * dWs, rank, tol, max_iter, stop=stop)
             Ct = tk.U.mT @ dWs @ tk.V
             kept = torch.where(nu > 0, (Ct ** 2).sum((-2, -1)) / (nu ** 2).clamp(min=1e-300), 0.0)
             bases.append((tk.U, tk.V))
             C.append(Ct)
-            self.infos.append(LayerInfo(tk.iterations, tk.converged, float("nan"), kept.tolist(), nu.tolist(),
-                                        time.perf_counter() - t0))
+            self.infos.append(LayerInfo(tk.iterations, tk.converged, tk.last_step, kept.tolist(), nu.tolist(),
+                                        time.perf_counter() - t0, tk.stopped_by, tk.objective))
         self._dense_bases = bases
         self.C = torch.stack(C)
 
@@ -659,28 +859,28 @@ class Plan:
 # public entry points
 
 
-def prepare(A, B, *, rank, beta=0.0, weights=None, scales=None, tol=1e-4, max_iter=1000,
+def prepare(A, B, *, rank, beta=0.0, weights=None, scales=None, stop="energy", tol=None, max_iter=1000,
             accelerate=True, device=None, backend=None) -> Plan:
     """Find the shared subspace of one layer and the coordinates of every adapter.
 
     A: list of ``[r_t, n]`` (lora_A), B: list of ``[m, r_t]`` (lora_B), ``scales`` the LoRA
     scaling of each adapter (alpha/r or alpha/sqrt(r)), ``weights`` the user's weights.
     The returned plan's ``merge(method, scale=..., **rule_params)`` costs one rule and one lift."""
-    _check_solver(tol, max_iter, beta)
+    _check_solver(stop, tol, max_iter, beta)
     _, _, _, s, w = check_layer(A, B, scales, weights, rank=rank)
-    return Plan(GroupPlan([(list(A), list(B), s, w)], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
+    return Plan(GroupPlan([(list(A), list(B), s, w)], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                           accelerate=accelerate, device=device, backend_name=backend))
 
 
 def merge_layer(A, B, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, scales=None,
-                tol=1e-4, max_iter=1000, accelerate=True, device=None, backend=None,
+                stop="energy", tol=None, max_iter=1000, accelerate=True, device=None, backend=None,
                 **rule_params) -> MergedLayer:
     """Merge the LoRA adapters of one layer into one rank-``rank`` LoRA with CtM.
 
     Returns a :class:`MergedLayer` whose ``B [m, rank] @ A [rank, n]`` is
     ``scale * U rule({C_t}) V^T`` (DESIGN section 2), in the input dtype."""
     resolve_params(method, rule_params)
-    plan = prepare(A, B, rank=rank, beta=beta, weights=weights, scales=scales, tol=tol,
+    plan = prepare(A, B, rank=rank, beta=beta, weights=weights, scales=scales, stop=stop, tol=tol,
                    max_iter=max_iter, accelerate=accelerate, device=device, backend=backend)
     return plan.merge(method, scale=scale, **rule_params)
 
@@ -720,13 +920,13 @@ def _layer_ids(layer_ids, count):
     return ids
 
 
-def prepare_layers(layers, *, rank, beta=0.0, weights=None, tol=1e-4, max_iter=1000, accelerate=True,
+def prepare_layers(layers, *, rank, beta=0.0, weights=None, stop="energy", tol=None, max_iter=1000, accelerate=True,
                    device=None, backend=None, max_group=None, layer_ids=None) -> list[Plan]:
     """Plans for many layers: ``layers`` is a list of ``(A_list, B_list[, scales])``; ``weights``
     is one list for all layers or a list of per-layer lists. Same-shape layers are batched.
     ``layer_ids`` (default ``0..len-1``) identify the layers to seeded rules (DARE): give each
     module of a model its own id so that its mask does not depend on how it is batched."""
-    _check_solver(tol, max_iter, beta)
+    _check_solver(stop, tol, max_iter, beta)
     norm = _normalise_layers(layers, weights, rank)
     ids = _layer_ids(layer_ids, len(norm))
     plans: list[Plan | None] = [None] * len(norm)
@@ -734,7 +934,7 @@ def prepare_layers(layers, *, rank, beta=0.0, weights=None, tol=1e-4, max_iter=1
         step = max_group or len(idx)
         for k in range(0, len(idx), step):
             chunk = idx[k:k + step]
-            group = GroupPlan([norm[i] for i in chunk], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
+            group = GroupPlan([norm[i] for i in chunk], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                               accelerate=accelerate, device=device, backend_name=backend,
                               layer_ids=[ids[i] for i in chunk])
             for j, i in enumerate(chunk):
@@ -742,17 +942,17 @@ def prepare_layers(layers, *, rank, beta=0.0, weights=None, tol=1e-4, max_iter=1
     return plans
 
 
-def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, tol=1e-4,
+def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, stop="energy", tol=None,
                  max_iter=1000, accelerate=True, device=None, backend=None, layer_ids=None,
                  **rule_params) -> list[MergedLayer]:
     """Merge many layers (same-shape ones batched); see :func:`prepare_layers`."""
     resolve_params(method, rule_params)
-    _check_solver(tol, max_iter, beta)
+    _check_solver(stop, tol, max_iter, beta)
     norm = _normalise_layers(layers, weights, rank)
     ids = _layer_ids(layer_ids, len(norm))
     out: list[MergedLayer | None] = [None] * len(norm)
     for idx in group_keys(norm).values():
-        group = GroupPlan([norm[i] for i in idx], rank=rank, beta=beta, tol=tol, max_iter=max_iter,
+        group = GroupPlan([norm[i] for i in idx], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                           accelerate=accelerate, device=device, backend_name=backend,
                           layer_ids=[ids[i] for i in idx])
         for j, merged in zip(idx, group.merge(method, scale=scale, **rule_params)):

@@ -5,6 +5,7 @@ tests and the slow side of the benchmarks, written for clarity, not speed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,26 +52,81 @@ class Tucker2:
     V: torch.Tensor       # [n, r]
     iterations: int
     converged: bool
+    last_step: float = float("nan")   # sine of the last step
+    stopped_by: str = "max_iter"      # "energy", "subspace" or "max_iter"
+    objective: float = float("nan")   # sum_t ||U^T X_t V||^2
 
 
-def tucker2(X: torch.Tensor, rank: int, tol: float = 1e-4, max_iter: int = 1000) -> Tucker2:
-    """Shared subspace of ``X [T, m, n]``: HOSVD init, then HOOI until the sine of the largest
-    principal angle between successive iterates is <= ``tol`` for U and V, or ``max_iter``."""
+# The stop tests of HOOI (DESIGN section 2, docs/DESIGN.md section 8), shared with the engine:
+# "energy" (the default) ends when the objective has less than tol (relative) left to gain,
+# "subspace" when a step moves U and V by a sine of at most tol (the exact fixed point).
+STOP_TESTS = ("energy", "subspace")
+DEFAULT_TOL = {"energy": 1e-6, "subspace": 1e-4}
+ENERGY_WINDOW = 3        # gains the energy test looks back on (two ratios)
+ENERGY_ROUNDING = 1e-13  # relative gains below this, twice in a row, are float64 rounding
+
+
+def energy_left(changes: torch.Tensor) -> torch.Tensor:
+    """The energy test's estimate of how much a quantity will still change, from its last
+    changes ``[..., ENERGY_WINDOW]`` (nonnegative, newest last, NaN while unknown) -> ``[...]``.
+
+    A linearly converging sequence whose changes shrink by ``q`` per sweep still moves by
+    ``d q / (1 - q)`` after a change ``d``; ``q`` is the largest ratio of successive changes in
+    the window (the cautious one). Infinite while the window is not full or the changes do not
+    shrink; zero once the last two changes are at float64 rounding (``ENERGY_ROUNDING``)."""
+    d = changes
+    q = (d[..., 1:] / d[..., :-1].clamp(min=1e-300)).amax(-1)
+    last = d[..., -1]
+    left = torch.where(q < 1, torch.maximum(last, last * q / (1 - q).clamp(min=1e-300)), math.inf)
+    left = torch.where(torch.isnan(d).any(-1), math.inf, left)
+    rounding = ~torch.isnan(d[..., -2:]).any(-1) & (d[..., -2:] <= ENERGY_ROUNDING).all(-1)
+    return torch.where(rounding, 0.0, left)
+
+
+def energy_kept(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``||U^T X_t V||^2 / ||X_t||^2`` per slice of ``X [T, m, n]`` (0 for a zero slice); the same
+    for ``X_t = c_t dW_t`` as for ``dW_t``."""
+    nu2 = X.square().sum((-2, -1))
+    kept = (U.mT @ X @ V).square().sum((-2, -1))
+    return torch.where(nu2 > 0, kept / nu2.clamp(min=1e-300), 0.0)
+
+
+def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int = 1000, *,
+            stop: str = "energy") -> Tucker2:
+    """Shared subspace of ``X [T, m, n]``: HOSVD init, then plain HOOI until the stop test
+    passes or ``max_iter`` sweeps. ``stop="subspace"``: the sine of the largest principal angle
+    between successive iterates is <= ``tol`` (default 1e-4) for U and V. ``stop="energy"``:
+    by :func:`energy_left`, the objective ``sum_t ||U^T X_t V||^2`` has less than ``tol``
+    (relative) left to gain and no adapter's energy kept (:func:`energy_kept`) will move by
+    more than ``tol`` (default 1e-6)."""
+    if stop not in STOP_TESTS:
+        raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
+    tol = DEFAULT_TOL[stop] if tol is None else tol
     U = top_eigvecs(torch.einsum("tmn,tkn->mk", X, X), rank)[1]
     V = top_eigvecs(torch.einsum("tmn,tmk->nk", X, X), rank)[1]
-    converged = False
-    it = 0
+    f_prev, kept_prev = None, None
+    gains = torch.full((ENERGY_WINDOW,), math.nan, dtype=X.dtype)   # relative objective gains
+    moves = gains.clone()                                            # largest change of an energy kept
+    it, step, f = 0, float("nan"), float("nan")
     for it in range(1, max_iter + 1):
         XV = X @ V                                              # [T, m, r]
         U1 = top_eigvecs(torch.einsum("tmr,tkr->mk", XV, XV), rank)[1]
         XU = X.mT @ U1                                          # [T, n, r]
-        V1 = top_eigvecs(torch.einsum("tnr,tkr->nk", XU, XU), rank)[1]
+        w, V1 = top_eigvecs(torch.einsum("tnr,tkr->nk", XU, XU), rank)
         step = max(sin_angle(U, U1).item(), sin_angle(V, V1).item())
+        f = float(w.clamp(min=0).sum())                         # = sum_t ||U1^T X_t V1||^2
         U, V = U1, V1
-        if step <= tol:
-            converged = True
-            break
-    return Tucker2(U, V, it, converged)
+        if stop == "subspace" and step <= tol:
+            return Tucker2(U, V, it, True, step, "subspace", f)
+        if stop == "energy":
+            kept = energy_kept(X, U, V)
+            if f_prev is not None:
+                gains = torch.cat([gains[1:], gains.new_tensor([max(f - f_prev, 0.0) / max(abs(f), 1e-300)])])
+                moves = torch.cat([moves[1:], (kept - kept_prev).abs().amax()[None]])
+            f_prev, kept_prev = f, kept
+            if float(torch.maximum(energy_left(gains), energy_left(moves))) <= tol:
+                return Tucker2(U, V, it, True, step, "energy", f)
+    return Tucker2(U, V, it, False, step, "max_iter", f)
 
 
 def balanced_factors(U, Cm, V, scale=1.0):
@@ -104,19 +160,20 @@ class ReferenceResult:
     C: torch.Tensor       # [T, r, r] coordinates of the unscaled updates
     iterations: int
     converged: bool
+    stopped_by: str = "max_iter"
 
 
 def ctm(dWs: torch.Tensor, rank: int, method: str = "ties", *, beta: float = 0.0, scale: float = 1.0,
-        tol: float = 1e-4, max_iter: int = 1000, **rule_params) -> ReferenceResult:
+        stop: str = "energy", tol: float | None = None, max_iter: int = 1000, **rule_params) -> ReferenceResult:
     """Compress-then-Merge of dense updates ``dWs [T, m, n]`` (DESIGN section 2), in float64."""
     dWs = dWs.double()
     nu = torch.linalg.matrix_norm(dWs)
     c = subspace_weights(nu, beta)
-    tk = tucker2(c[:, None, None] * dWs, rank, tol, max_iter)
+    tk = tucker2(c[:, None, None] * dWs, rank, tol, max_iter, stop=stop)
     C = tk.U.mT @ dWs @ tk.V                                    # [T, r, r]
     Cm = apply_rule(method, C[None], **rule_params)[0]
     B, A = balanced_factors(tk.U, Cm, tk.V, scale)
-    return ReferenceResult(B @ A, B, A, tk.U, tk.V, C, tk.iterations, tk.converged)
+    return ReferenceResult(B @ A, B, A, tk.U, tk.V, C, tk.iterations, tk.converged, tk.stopped_by)
 
 
 def full_merge(dWs: torch.Tensor, method: str = "ties", *, scale: float = 1.0, **rule_params) -> torch.Tensor:

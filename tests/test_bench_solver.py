@@ -16,7 +16,7 @@ import ctm_kernels as ck
 def _problem(kind, m, T):
     A, B = make_adapters(kind, m, m, T, bench_solver.RANK, torch.float64, "cpu")
     with bench_solver.recording_solves([]) as log:
-        ck.prepare(A, B, rank=bench_solver.RANK, tol=1e-11, max_iter=5000)
+        ck.prepare(A, B, rank=bench_solver.RANK, stop="subspace", tol=1e-11, max_iter=5000)
     side_b, side_a, c, _, _ = log[0]["args"]
     rb = side_b.Rf.shape[-1] // T
     Qc = side_a.Rf * c.to(torch.float64).repeat_interleave(rb, dim=1)[:, None, :]

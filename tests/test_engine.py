@@ -11,7 +11,7 @@ from ctm_kernels.rules import RULES
 from adapters import gaussian, relerr, structured
 from tolerances import MERGE_RTOL
 
-TIGHT = dict(tol=1e-11, max_iter=20000)
+TIGHT = dict(stop="subspace", tol=1e-11, max_iter=20000)
 RULE_PARAMS = {"ties": dict(top_k=0.3), "dare": dict(p=0.3, seed=7), "dare_ties": dict(p=0.3, seed=7, top_k=0.5)}
 
 
@@ -101,8 +101,8 @@ def test_acceleration_keeps_the_fixed_point(case):
     A, B, scales, rank = _case(case, torch.float64)
     dWs = ref.dense_updates(A, B, scales)
     conv = ref.ctm(dWs, rank, "sum", **TIGHT)
-    plain = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, tol=1e-5, accelerate=False)
-    fast = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, tol=1e-5)
+    plain = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, stop="subspace", tol=1e-5, accelerate=False)
+    fast = ck.merge_layer(A, B, rank=rank, method="sum", scales=scales, stop="subspace", tol=1e-5)
     assert fast.info.iterations < plain.info.iterations
     assert relerr(fast.B @ fast.A, conv.dW) <= 3 * relerr(plain.B @ plain.A, conv.dW) + 1e-9
 
@@ -350,8 +350,8 @@ def test_many_adapters_at_scale_matches_reference():
     both sides, against the dense fp64 reference at tight tol, with TIES."""
     A, B = structured(160, 144, [8] * 48, seed=12)
     dWs = ref.dense_updates(A, B)
-    want = ref.ctm(dWs, 8, "ties", tol=1e-10, max_iter=5000).dW
-    out = ck.merge_layer(A, B, rank=8, method="ties", tol=1e-10, max_iter=5000)
+    want = ref.ctm(dWs, 8, "ties", stop="subspace", tol=1e-10, max_iter=5000).dW
+    out = ck.merge_layer(A, B, rank=8, method="ties", stop="subspace", tol=1e-10, max_iter=5000)
     assert relerr(out.B @ out.A, want) <= 1e-6
 
 
@@ -362,7 +362,7 @@ def test_accelerator_falls_back_when_it_stalls():
     g = torch.Generator().manual_seed(0)
     A = [torch.randn(16, 256, generator=g) / 16 for _ in range(64)]
     B = [torch.randn(256, 16, generator=g) / 16 for _ in range(64)]
-    want = ref.ctm(ref.dense_updates(A, B), 16, "sum", tol=1e-9, max_iter=3000)
-    out = ck.merge_layer(A, B, rank=16, method="sum", tol=1e-9, max_iter=3000)
+    want = ref.ctm(ref.dense_updates(A, B), 16, "sum", stop="subspace", tol=1e-9, max_iter=3000)
+    out = ck.merge_layer(A, B, rank=16, method="sum", stop="subspace", tol=1e-9, max_iter=3000)
     assert out.info.converged
     assert relerr(out.B.double() @ out.A.double(), want.dW) <= 1e-6

@@ -71,11 +71,12 @@ def _read_adapter(lora, name: str) -> Adapter:
 
 def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_name: str, *, rank: int,
                        method: str = "ties", weights=None, beta: float = 0.0, scale: float = 1.0,
-                       tol: float = 1e-4, max_iter: int = 1000, device=None, **rule_params) -> MergeResult:
+                       stop: str = "energy", tol: float | None = None, max_iter: int = 1000, device=None,
+                       **rule_params) -> MergeResult:
     """Merge the loaded LoRA adapters ``adapter_names`` of ``peft_model`` into a new adapter
     ``new_adapter_name`` of rank ``rank`` with CtM, and install it (not activated).
 
-    ``method``, ``weights``, ``beta``, ``scale``, ``tol``, ``max_iter`` and ``rule_params``
+    ``method``, ``weights``, ``beta``, ``scale``, ``stop``, ``tol``, ``max_iter`` and ``rule_params``
     are those of :func:`ctm_kernels.merge`. Scalings are read from the LoRA layers
     (``module.scaling``), so rsLoRA, rank/alpha patterns and later ``set_scale`` calls are
     all honoured. Returns the :class:`~ctm_kernels.api.MergeResult` (per-module info and the
@@ -90,7 +91,7 @@ def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_nam
     if new_adapter_name in lora.peft_config:
         raise ValueError(f"adapter {new_adapter_name!r} already exists")
     adapters = [_read_adapter(lora, n) for n in names]
-    res = merge(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, tol=tol,
+    res = merge(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, stop=stop, tol=tol,
                 max_iter=max_iter, device=device, **rule_params)
 
     base_cfg = lora.peft_config[names[0]]

@@ -1,0 +1,110 @@
+"""Does the accelerated subspace solve end where plain HOOI ends, and does the default stop keep
+the energy of the converged answer? Over thousands of random sets (``ctm_kernels.testing``).
+
+For every case ``i`` in ``[start, start + count)``:
+
+* fixed point: the accelerated solve and plain HOOI (``accelerate=False``, the reference
+  iteration), both to ``stop="subspace", tol=1e-10``; the merged updates (``sum``) must agree
+  to ``1e-6`` relative;
+* default stop (``--energy``): the default solve (accelerated, energy test) against that
+  converged answer: the relative error of the total energy kept
+  ``sum_t ||U^T dW_t V||^2 / sum_t ||dW_t||^2``, the largest per-adapter error of the energy
+  kept, and the distance of the merged update.
+
+    python benchmarks/bench_hooi_agreement.py --count 3000          # results/hooi_agreement.json
+    python benchmarks/bench_hooi_agreement.py --count 300 --energy --out /tmp/a.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ctm_kernels as ck  # noqa: E402
+from ctm_kernels.testing import hooi_case  # noqa: E402
+
+from common import header, write_json  # noqa: E402
+
+TIGHT = dict(stop="subspace", tol=1e-10, max_iter=20000)
+AGREE_RTOL = 1e-6
+
+
+def _rel(x, ref):
+    return ((x - ref).norm() / ref.norm().clamp(min=1e-300)).item()
+
+
+def _total_kept(info):
+    nu2 = torch.tensor(info.norms, dtype=torch.float64) ** 2
+    return float((torch.tensor(info.energy_kept, dtype=torch.float64) * nu2).sum() / nu2.sum().clamp(min=1e-300))
+
+
+def run_case(i: int, energy: bool) -> dict:
+    c = hooi_case(i)
+    kw = dict(rank=c.rank, method="sum", beta=c.beta, scales=c.scales)
+    t0 = time.perf_counter()
+    acc = ck.merge_layer(c.A, c.B, **kw, **TIGHT)
+    t1 = time.perf_counter()
+    plain = ck.merge_layer(c.A, c.B, accelerate=False, **kw, **TIGHT)
+    t2 = time.perf_counter()
+    row = {"case": c.label, "agree": None, "diff": _rel(acc.delta, plain.delta),
+           "sweeps_accelerated": acc.info.iterations, "sweeps_plain": plain.info.iterations,
+           "objective_accelerated": acc.info.objective, "objective_plain": plain.info.objective,
+           "converged": acc.info.converged and plain.info.converged,
+           "seconds_accelerated": t1 - t0, "seconds_plain": t2 - t1}
+    row["agree"] = row["diff"] <= AGREE_RTOL
+    if energy:
+        t3 = time.perf_counter()
+        default = ck.merge_layer(c.A, c.B, **kw)
+        row["seconds_default"] = time.perf_counter() - t3
+        e_conv, e_def = _total_kept(plain.info), _total_kept(default.info)
+        row.update(sweeps_default=default.info.iterations, stopped_by=default.info.stopped_by,
+                   energy_rel_error=abs(e_def - e_conv) / max(e_conv, 1e-300),
+                   objective_rel_error=abs(default.info.objective - plain.info.objective) / max(plain.info.objective, 1e-300),
+                   per_adapter_error=max(abs(a - b) for a, b in zip(default.info.energy_kept, plain.info.energy_kept)),
+                   update_distance=_rel(default.delta, plain.delta))
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--count", type=int, default=3000)
+    p.add_argument("--energy", action="store_true", help="also check the default (energy) stop")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    rows, t0 = [], time.perf_counter()
+    for i in range(a.start, a.start + a.count):
+        row = run_case(i, a.energy)
+        rows.append(row)
+        if not row["agree"] or not row["converged"]:
+            print(f"DISAGREE {row['case']}: diff {row['diff']:.2e}, sweeps {row['sweeps_accelerated']} / "
+                  f"{row['sweeps_plain']}, objective {row['objective_accelerated']:.12g} / "
+                  f"{row['objective_plain']:.12g}", flush=True)
+        if (i - a.start + 1) % 250 == 0:
+            print(f"{i - a.start + 1} cases, {sum(r['agree'] for r in rows)} agree", flush=True)
+    agree = sum(r["agree"] for r in rows)
+    summary = {"cases": len(rows), "agree": agree, "worst_diff": max(r["diff"] for r in rows),
+               "sweeps_accelerated": sum(r["sweeps_accelerated"] for r in rows),
+               "sweeps_plain": sum(r["sweeps_plain"] for r in rows), "seconds": time.perf_counter() - t0}
+    if a.energy:
+        for key in ("energy_rel_error", "objective_rel_error", "per_adapter_error", "update_distance"):
+            summary["max_" + key] = max(r[key] for r in rows)
+        summary["sweeps_default"] = sum(r["sweeps_default"] for r in rows)
+    print(f"{agree} of {len(rows)} sets agree (merged updates within {AGREE_RTOL:g}); worst {summary['worst_diff']:.2e}; "
+          f"sweeps accelerated / plain: {summary['sweeps_accelerated']} / {summary['sweeps_plain']}")
+    if a.energy:
+        print(f"default stop: energy kept within {summary['max_energy_rel_error']:.2e} (relative), per adapter within "
+              f"{summary['max_per_adapter_error']:.2e}, {summary['sweeps_default']} sweeps")
+    path = write_json("hooi_agreement.json", {**header(), "args": vars(a), "summary": summary, "cases": rows}, a.out)
+    print("wrote", path)
+    return 0 if agree == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

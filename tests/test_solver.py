@@ -1,0 +1,178 @@
+"""The subspace solve (docs/DESIGN.md section 8): the accelerated iteration ends where plain
+HOOI ends, the objective never decreases, and the default (energy) stop keeps the energy of
+the converged answer. Randomized over ``ctm_kernels.testing.hooi_case`` sets."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ctm_kernels as ck
+from ctm_kernels import engine
+from ctm_kernels import reference as ref
+from ctm_kernels.testing import hooi_case
+
+from adapters import relerr
+
+TIGHT = dict(stop="subspace", tol=1e-10, max_iter=20000)
+PROPERTY_CASES = 300
+ENERGY_CASES = 100
+
+
+def _label(i):
+    return hooi_case(i).label
+
+
+def _merge(case, **kw):
+    return ck.merge_layer(case.A, case.B, rank=case.rank, method="sum", beta=case.beta, scales=case.scales, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Hundreds of small solves: torch's intra-op threads only add overhead here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("index", range(PROPERTY_CASES), ids=_label)
+def test_accelerated_solve_ends_where_plain_hooi_ends(index):
+    case = hooi_case(index)
+    fast = _merge(case, **TIGHT)
+    plain = _merge(case, accelerate=False, **TIGHT)
+    assert fast.info.converged and plain.info.converged
+    assert fast.info.stopped_by == plain.info.stopped_by == "subspace"
+    assert relerr(fast.delta, plain.delta) <= 1e-6
+    assert fast.info.objective >= plain.info.objective * (1 - 1e-12)
+
+
+def _seed4_set():
+    """Three gaussian rank-8 adapters on a 48 x 96 layer, where an ungated accelerator
+    ended at another fixed point (objective 66825 against plain HOOI's 67040)."""
+    g = torch.Generator().manual_seed(4)
+    A = [torch.randn(8, 96, generator=g, dtype=torch.float64) for _ in range(3)]
+    B = [torch.randn(48, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    return A, B
+
+
+def test_known_wrong_fixed_point_set():
+    A, B = _seed4_set()
+    fast = ck.merge_layer(A, B, rank=8, method="sum", **TIGHT)
+    plain = ck.merge_layer(A, B, rank=8, method="sum", accelerate=False, **TIGHT)
+    assert relerr(fast.delta, plain.delta) <= 1e-6
+    assert fast.info.iterations < plain.info.iterations / 3     # measured: 79 against 588
+
+
+def _many_on_small_layer():
+    """64 gaussian rank-16 adapters on a 256 x 256 layer (R > m): plain HOOI passes a saddle
+    (steps shrink, then grow) before it converges."""
+    g = torch.Generator().manual_seed(0)
+    A = [torch.randn(16, 256, generator=g, dtype=torch.float64) / 16 for _ in range(64)]
+    B = [torch.randn(256, 16, generator=g, dtype=torch.float64) / 16 for _ in range(64)]
+    return A, B
+
+
+@pytest.mark.slow
+def test_the_gate_is_what_keeps_the_fixed_point(monkeypatch):
+    """Mutation check of the property above: with the gate and the trust region off (only the
+    monotone check left) the accelerated solve ends at another fixed point of a set where
+    plain HOOI passes a saddle; with them on, at plain HOOI's."""
+    A, B = _many_on_small_layer()
+    kw = dict(rank=16, method="sum", stop="subspace", tol=1e-9, max_iter=3000)
+    plain = ck.merge_layer(A, B, accelerate=False, **kw)
+    gated = ck.merge_layer(A, B, **kw)
+    assert relerr(gated.delta, plain.delta) <= 1e-6
+    def always_open(self, step, plain):
+        opening = ~self.gate
+        self.gate[:] = True
+        self.rate[:] = 0.5
+        return opening
+    monkeypatch.setattr(engine._HOOISolve, "_watch_gate", always_open)
+    monkeypatch.setattr(engine, "TRUST", math.inf)
+    ungated = ck.merge_layer(A, B, **kw)
+    assert relerr(ungated.delta, plain.delta) > 1e-2
+
+
+def _record_objectives(monkeypatch):
+    seen, sweep = [], engine._HOOISolve.sweep
+
+    def recording(self):
+        sweep(self)
+        seen.append(self.f.clone())
+    monkeypatch.setattr(engine._HOOISolve, "sweep", recording)
+    return seen
+
+
+@pytest.mark.parametrize("index", range(0, 60, 3), ids=_label)
+def test_objective_never_decreases(index, monkeypatch):
+    """Every sweep of the accelerated solve (float32 phase included) ends at an objective at
+    least that of the sweep before: extrapolations that would lose are not kept."""
+    case = hooi_case(index)
+    seen = _record_objectives(monkeypatch)
+    _merge(case, **TIGHT)
+    f = torch.stack(seen)[:, 0]
+    assert bool((f[1:] >= f[:-1] - 1e-12 * f[:-1].abs()).all())
+
+
+def _total_kept(info):
+    nu2 = torch.tensor(info.norms, dtype=torch.float64) ** 2
+    return float((torch.tensor(info.energy_kept, dtype=torch.float64) * nu2).sum() / nu2.sum())
+
+
+@pytest.mark.parametrize("index", range(ENERGY_CASES), ids=_label)
+def test_default_stop_keeps_the_energy_of_the_converged_answer(index):
+    """The default stop (energy, tol 1e-6): every adapter's energy kept within 1e-5 of the
+    converged answer's, the total within 1e-5 (relative)."""
+    case = hooi_case(index)
+    conv = _merge(case, accelerate=False, **TIGHT)
+    out = _merge(case)
+    assert out.info.stopped_by == "energy" and out.info.converged
+    kept, want = torch.tensor(out.info.energy_kept), torch.tensor(conv.info.energy_kept)
+    assert float((kept - want).abs().max()) <= 1e-5
+    assert abs(_total_kept(out.info) - _total_kept(conv.info)) <= 1e-5 * _total_kept(conv.info)
+
+
+def test_plain_energy_stop_is_the_reference_one():
+    """accelerate=False with the energy stop takes the reference's sweeps and stops where it
+    does (the same test on the same numbers)."""
+    for index in (0, 1, 2, 3):
+        case = hooi_case(index)
+        dWs = ref.dense_updates(case.A, case.B, case.scales)
+        want = ref.ctm(dWs, case.rank, "sum", beta=case.beta)
+        out = _merge(case, accelerate=False)
+        assert out.info.stopped_by == want.stopped_by == "energy"
+        assert out.info.iterations == want.iterations
+        assert relerr(out.delta, want.dW) <= 1e-8
+
+
+def test_info_says_which_test_stopped_a_layer():
+    case = hooi_case(5)
+    assert _merge(case).info.stopped_by == "energy"
+    assert _merge(case, stop="subspace").info.stopped_by == "subspace"
+    capped = _merge(case, stop="subspace", tol=1e-14, max_iter=2)
+    assert capped.info.stopped_by == "max_iter" and not capped.info.converged
+    assert capped.info.iterations == 2
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(stop="angle"), "stop must be one of energy, subspace"),
+    (dict(tol=0.0), "tol must be a positive number"),
+    (dict(tol=True), "tol must be a positive number"),
+], ids=["unknown_stop", "zero_tol", "bool_tol"])
+def test_bad_stop_settings_are_refused(kw, message):
+    case = hooi_case(1)
+    with pytest.raises(ValueError, match=message):
+        _merge(case, **kw)
+
+
+def test_energy_left_estimate():
+    """The estimate of what a linearly converging sequence still changes: exact for a
+    geometric sequence, infinite while unknown or not shrinking, zero at rounding."""
+    q = 0.9
+    changes = torch.tensor([1e-3, 1e-3 * q, 1e-3 * q * q], dtype=torch.float64)
+    assert math.isclose(float(ref.energy_left(changes)), 1e-3 * q ** 3 / (1 - q), rel_tol=1e-12)
+    assert float(ref.energy_left(torch.tensor([math.nan, 1e-3, 1e-4]))) == math.inf
+    assert float(ref.energy_left(torch.tensor([1e-4, 1e-4, 2e-4]))) == math.inf
+    assert float(ref.energy_left(torch.tensor([1.0, 1e-14, 1e-14]))) == 0.0
