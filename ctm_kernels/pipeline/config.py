@@ -107,7 +107,7 @@ def load_config(path: str | os.PathLike) -> dict:
         if method == "ties":
             params.setdefault("top_k", d)
         elif method in ("dare", "dare_ties") and isinstance(d, (int, float)):
-            params.setdefault("p", 1.0 - d)
+            params.setdefault("p", float(f"{1.0 - d:.12g}"))     # 1 - 0.7 is 0.30000000000000004
         else:
             raise ValueError(f"{label}: parameters.density: means nothing to {method!r} (ties: top_k; dare, "
                              "dare_ties: 1 - p)")

@@ -456,7 +456,8 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
     cdtype = checked(resolve_dtype, dtype, opened)
     dev = checked(check_device, device)
     if output is not None and fmt == "peft":
-        kohya_named = [a for a in opened if a.format == "kohya"]
+        # kohya inputs not renamed to PEFT module paths by unify_names
+        kohya_named = [a for a in opened if a.format == "kohya" and any("." not in n for n in a.modules)]
         if kohya_named:
             problem(f"{kohya_named[0].label}: kohya module names such as {next(iter(kohya_named[0].modules))} "
                     "are flattened paths that a PEFT adapter cannot target; write a kohya file "
