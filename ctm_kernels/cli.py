@@ -35,10 +35,12 @@ DEFAULT_KOHYA_PREFIX = "lora_unet"
 # measured choice in docs/DESIGN.md, section "Pipeline".
 DEFAULT_THREADS = 1
 
+# the rules' parameter defaults, for the help (a test checks them against ctm_kernels.RULES)
+RULE_DEFAULTS = {"top_k": 0.2, "p": 0.5, "seed": 0}
 # defaults shown in help and applied after a --config file (None in the parser: "not given")
 DEFAULTS = {"method": "ties", "beta": 0.0, "scale": 1.0, "tol": 1e-4, "max_iter": 1000, "format": "auto",
             "kohya_prefix": DEFAULT_KOHYA_PREFIX, "device": "cpu", "dtype": "auto", "max_group_mb": DEFAULT_GROUP_MB,
-            "threads": DEFAULT_THREADS}
+            "threads": DEFAULT_THREADS, **RULE_DEFAULTS}
 
 
 class UsageError(Exception):
@@ -119,9 +121,9 @@ def _merge_options(m: argparse.ArgumentParser, dry_run_flag: bool) -> None:
                    "direction of the inputs (min(sum of input ranks, m, n))")
     m.add_argument("--method", type=_method, metavar="M", help=f"merge rule: {', '.join(METHODS)}")
     m.add_argument("--top-k", type=float, dest="top_k", metavar="F",
-                   help="ties/dare_ties: share of entries each adapter keeps, in (0, 1] (default 0.2)")
-    m.add_argument("--p", type=float, metavar="F", help="dare/dare_ties: drop probability, in [0, 1) (default 0.5)")
-    m.add_argument("--seed", type=int, metavar="N", help="dare/dare_ties: seed of the drop masks (default 0)")
+                   help="ties/dare_ties: share of entries each adapter keeps, in (0, 1]")
+    m.add_argument("--p", type=float, metavar="F", help="dare/dare_ties: drop probability, in [0, 1)")
+    m.add_argument("--seed", type=int, metavar="N", help="dare/dare_ties: seed of the drop masks")
     m.add_argument("--beta", type=float, metavar="F",
                    help="0 equalises the adapters' norms in the subspace search, 1 keeps them")
     m.add_argument("--scale", type=float, metavar="F", help="global scale of the merged update")

@@ -282,6 +282,11 @@ def test_plan_of_the_8b_layout_is_fast_and_reads_no_factor(tmp_path, monkeypatch
     assert "224 modules (224 adapted by more than one adapter)" in text and "no problems found" in text
     assert "estimated peak factor memory" in text
     assert not (tmp_path / "out").exists()
+    plan = ctm_kernels.plan_merge(list(map(str, zoo)), rank=16)
+    # the time model is calibrated on this very merge (README: 49 s); bf16 factors peak at 7x a group
+    assert plan.estimated_seconds() == pytest.approx(49.0, rel=1e-9)
+    assert plan.estimated_peak_bytes() == 7 * max(plan.group_bytes())
+    assert max(plan.group_bytes()) <= 256 * 2**20 and len(plan.groups) == 7
 
 
 def test_dry_run_lists_every_problem(two, tmp_path, capsys):
@@ -378,7 +383,7 @@ def test_help_imports_no_torch_and_shows_defaults():
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
-    for default in ("(default: ties)", "(default: 0.0001)", "(default: 1000)", "(default: 256)", "(default: 1)",
+    for default in ("(default: 0.2)", "(default: 0.5)", "(default: 0)", "(default: ties)", "(default: 0.0001)", "(default: 1000)", "(default: 256)", "(default: 1)",
                     "(default: auto)", "(default: lora_unet)"):
         assert default in text, default
 
@@ -391,6 +396,9 @@ def test_cli_lists_match_the_library():
     assert cli.METHODS == tuple(ctm_kernels.RULES)
     assert cli.DTYPE_NAMES == tuple(DTYPES)
     assert cli.DEFAULT_GROUP_MB * 2**20 == DEFAULT_GROUP_BYTES and cli.DEFAULT_KOHYA_PREFIX == DEFAULT_PREFIX
+    for rule in ctm_kernels.RULES.values():
+        for param in rule.params:
+            assert cli.RULE_DEFAULTS[param.name] == param.default, param.name
 
 
 def test_version_did_you_mean_and_no_abbreviations(two, tmp_path, capsys):
@@ -444,3 +452,9 @@ def test_kohya_output_carries_the_resolved_config(two, tmp_path):
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
     assert "merge_method: ties" in meta["ctm_config"] and "format: kohya" in meta["ctm_config"]
+
+
+def test_one_adapter_grammar(two, tmp_path, capsys):
+    assert main(["merge", str(two[1]), "-o", str(tmp_path / "o"), "--rank", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "merged 1 adapter into 1 module at rank 2" in text and "1 module group;" in text
