@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 from .io import Adapter, AdapterError, open_adapter
 from .io.kohya import DEFAULT_PREFIX
-from .pipeline import execute, make_plan
-from .pipeline.plan import DEFAULT_GROUP_BYTES, DTYPES, FORMATS, MergePlan
+from .pipeline.plan import DEFAULT_GROUP_BYTES, DTYPES, FORMATS, MergePlan, make_plan
+from .pipeline.run import execute
 from .pipeline.result import MergeResult, MergeStats
 
 __all__ = ["merge", "plan_merge", "inspect_adapter", "MergeResult", "MergeStats", "MergePlan",

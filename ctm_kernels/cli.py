@@ -21,6 +21,8 @@ import os
 import sys
 import traceback
 
+from .pipeline.ranks import launched_ranks
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
 
 # Kept here so that the parser needs no torch; tests check them against the registry and the
@@ -241,7 +243,9 @@ def _cmd_merge(args) -> int:
     from .api import merge
 
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
-    with _process_group(kw.get("device")) as (rank, device):
+    from .pipeline.ranks import process_group
+
+    with process_group(kw.get("device")) as (rank, device):
         kw["device"] = device
         result = merge(kw.pop("adapters"), progress=not args.quiet and rank == 0, prefetch=args.prefetch, **kw)
     if rank == 0:
@@ -252,51 +256,6 @@ def _cmd_merge(args) -> int:
             print(result.summary())
             print(f"wrote {result.output} ({result.format})")
     return EXIT_OK
-
-
-def _launched_ranks() -> tuple[int, int]:
-    """``(rank, world size)`` set by torchrun (``(0, 1)`` otherwise)."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 0, 1
-
-
-class _process_group:
-    """Under torchrun (WORLD_SIZE > 1) and no process group yet: create one for the merge
-    (nccl for a CUDA merge, each rank on the GPU of its LOCAL_RANK; gloo otherwise) and destroy
-    it afterwards. Yields ``(rank, device)``."""
-
-    def __init__(self, device):
-        self.device = device
-        self.created = False
-
-    def __enter__(self):
-        rank, world = _launched_ranks()
-        if world <= 1:
-            return 0, self.device
-        import torch
-        import torch.distributed as dist
-
-        from .pipeline.plan import check_device
-
-        device = check_device(self.device)          # a missing CUDA fails here, before any rendezvous
-        if dist.is_initialized():
-            return dist.get_rank(), device
-        if device is not None and device.type == "cuda":
-            if device.index is None:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        self.created = True
-        return dist.get_rank(), device
-
-    def __exit__(self, *exc):
-        if self.created:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
 
 def _cmd_inspect(args) -> int:
@@ -341,7 +300,7 @@ def main(argv=None) -> int:
     """Run ``ctm`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     show_tb = "--traceback" in argv
-    rank, world = _launched_ranks()
+    rank, world = launched_ranks()
     # under torchrun every rank sees the same bad input, and an error on one rank is raised on
     # all of them naming that rank: rank 0 reports it, once
     speak = rank == 0

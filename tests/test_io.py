@@ -598,7 +598,7 @@ def test_reader_runs_one_group_ahead_and_no_further(monkeypatch):
             overlapped.append(started[gi + 1].wait(timeout=20))
         return real(plan, gi, factors)
 
-    monkeypatch.setattr("ctm_kernels.pipeline.merge_group", merge_group)
+    monkeypatch.setattr("ctm_kernels.pipeline.run.merge_group", merge_group)
     merge(opened, rank=4, method="mean", max_group_bytes=budget,
           progress=lambda done, total, desc: events.append(("done", done - 1)))
     assert overlapped == [True] * (len(groups) - 1)
