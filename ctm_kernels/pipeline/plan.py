@@ -167,11 +167,11 @@ class MergePlan:
             for g, b in zip(self.groups, self.group_bytes()):
                 s = g[0].first
                 lines.append(f"  {len(g):>4} x {s.kind} {s.out_features}x{s.in_features} at rank {g[0].rank}, "
-                             f"{b / 2**20:,.1f} MiB of factors")
+                             f"{_size(b)} of factors")
             lines.append("modules (rank, adapters):")
             for e in self.modules:
                 lines.append(f"  {e.name}  rank {e.rank}, adapters {','.join(str(i) for i, _ in e.specs)}")
-            lines.append(f"estimated peak factor memory {self.estimated_peak_bytes() / 2**30:.2f} GiB, "
+            lines.append(f"estimated peak factor memory {_size(self.estimated_peak_bytes())}, "
                          f"rough time {self.estimated_seconds():.1f} s on one 2-core CPU process")
         for n in self.notes:
             lines.append(f"note: {n}")
@@ -180,6 +180,10 @@ class MergePlan:
         if not self.problems:
             lines.append("no problems found")
         return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
 
 
 class _Problems:
