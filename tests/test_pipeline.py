@@ -367,6 +367,7 @@ def test_hub_id_resolved_from_the_local_cache(tmp_path, monkeypatch):
     b = ctm_kernels.merge([str(EXAMPLES / "math"), str(EXAMPLES / "code")], rank=8, method="sum")
     for x, y in zip(a.modules, b.modules):
         assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+    assert a.adapters[0] == "someone/math-lora"
     with pytest.raises(ValueError, match="someone/missing: no such file or folder, and not in the Hugging Face cache"):
         ctm_kernels.merge(["someone/missing"], rank=8)
 

@@ -31,3 +31,13 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
         exec(compile(code, f"README.md python snippet {i + 1}", "exec"), namespace)
     assert (tmp_path / "merged_api" / "adapter_model.safetensors").is_file()
     assert "merged" in namespace["peft_model"].peft_config
+
+
+def test_readme_config_file_runs(tmp_path):
+    from ctm_kernels.cli import main
+
+    [config] = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "merge.yaml").write_text(config)
+    assert main(["merge", "--config", str(tmp_path / "merge.yaml"), "-q"]) == 0
+    assert (tmp_path / "merged" / "ctm_merge.yaml").is_file()

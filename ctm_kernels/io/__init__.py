@@ -6,6 +6,7 @@ and config only, validated); the factors are read later, a module group at a tim
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
@@ -55,12 +56,16 @@ def open_adapter(source, label: str | None = None) -> Adapter:
 def _open_snapshot(folder: Path, source: str) -> Adapter:
     """A Hub snapshot: a PEFT adapter folder, or a repository holding one kohya file."""
     if (folder / CONFIG_NAME).is_file():
-        return read_peft(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        raise AdapterError(f"{source}: the Hub repository holds no {CONFIG_NAME} and "
-                           f"{len(files)} .safetensors files; expected a PEFT adapter or one kohya file")
-    return read_kohya(files[0])
+        ad = read_peft(folder)
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if len(files) != 1:
+            raise AdapterError(f"{source}: the Hub repository holds no {CONFIG_NAME} and "
+                               f"{len(files)} .safetensors files; expected a PEFT adapter or one kohya file")
+        ad = read_kohya(files[0])
+    # reports and later errors name the adapter as the user did (its path in the cache says
+    # little); the store keeps the path
+    return replace(ad, label=source)
 
 
 __all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleSpec",
