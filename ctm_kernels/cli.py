@@ -1,32 +1,91 @@
-"""The ``ctm`` command: ``ctm merge`` and ``ctm inspect``.
+"""The ``ctm`` command: ``ctm merge``, ``ctm plan`` (the dry run) and ``ctm inspect``.
 
-Exit status: 0 on success; 2 for bad input or usage (one line on stderr, no traceback);
-1 for anything else (one line, ``ctm --traceback ...`` shows the traceback).
+Exit status: 0 on success; 2 for bad input or usage (one line on stderr starting with
+``ctm: error:``, no traceback, nothing written); 1 for anything else (one line,
+``ctm --traceback ...`` shows the traceback). Output cut short by a closed pipe
+(``ctm inspect --json ... | head -1``) ends quietly with status 141, as SIGPIPE would.
 
 ``torchrun --nproc_per_node=N -m ctm_kernels merge ...`` merges on N processes: the command
 sets up the process group itself (gloo for CPU merges, nccl with ``--device cuda``, each rank
 on the GPU of its local rank), shares the module groups out and writes one output from rank 0.
 Only rank 0 prints; an error on any rank fails every rank.
+
+torch is imported only once a command runs, so ``ctm --help`` answers at once.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 import traceback
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from .pipeline.ranks import launched_ranks
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
+
+# Kept here so that the parser needs no torch; tests check them against the registry and the
+# pipeline (ctm_kernels.RULES, pipeline.plan.DTYPES, DEFAULT_GROUP_BYTES, io.kohya.DEFAULT_PREFIX).
+METHODS = ("sum", "mean", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts")
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64")
+DEFAULT_GROUP_MB = 256
+DEFAULT_KOHYA_PREFIX = "lora_unet"
+# Threads per process when --threads is not given. The merge's products are small enough that
+# extra threads hardly help and, on a loaded machine, oversubscription costs far more (the
+# bundled example took 1.5-24 s with torch's default against 0.26-0.58 s with one thread);
+# measured choice in docs/DESIGN.md, section "Pipeline".
+DEFAULT_THREADS = 1
+
+# the rules' parameter defaults, for the help (a test checks them against ctm_kernels.RULES)
+RULE_DEFAULTS = {"top_k": 0.2, "p": 0.5, "seed": 0}
+# defaults shown in help and applied after a --config file (None in the parser: "not given")
+DEFAULTS = {"method": "ties", "beta": 0.0, "scale": 1.0, "stop": "energy", "max_iter": 1000, "format": "auto",
+            "kohya_prefix": DEFAULT_KOHYA_PREFIX, "device": "cpu", "dtype": "auto", "max_group_mb": DEFAULT_GROUP_MB,
+            "threads": DEFAULT_THREADS, **RULE_DEFAULTS}
 
 
 class UsageError(Exception):
     """Bad command line: reported in one line with exit status 2."""
 
 
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        kw.setdefault("allow_abbrev", False)       # --rank, never a guess from --ra
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)
+
     def error(self, message):
         # argparse prints the usage block and exits; one line and an exception instead
-        raise UsageError(f"{self.prog}: {message}")
+        if message.startswith("unrecognized arguments:"):
+            options = [s for a in self._actions for s in a.option_strings]
+            for sub in self._subparsers._group_actions if self._subparsers else []:
+                for p in getattr(sub, "choices", {}).values():
+                    options += [s for a in p._actions for s in a.option_strings]
+            words = message.split(":", 1)[1].split()
+            hints = [_suggest(w.split("=")[0], options) for w in words if w.startswith("-")]
+            message += "".join(h for h in hints if h)
+        elif "invalid choice:" in message and "argument command" in message:
+            word = message.split("invalid choice:", 1)[1].split("'")[1] if "'" in message else ""
+            message += _suggest(word, ("merge", "plan", "inspect"))
+        sub = self.prog.removeprefix("ctm").strip()
+        raise UsageError(f"{sub}: {message}" if sub else message)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Every option's default in its help line."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        dest = action.dest
+        if "default" not in text and dest in DEFAULTS:
+            text += f" (default: {DEFAULTS[dest]})"
+        return text
 
 
 def _floats(text: str) -> list[float]:
@@ -36,152 +95,192 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .api import DEFAULT_GROUP_BYTES, DTYPES, FORMATS
-    from .io.kohya import DEFAULT_PREFIX
-    from .rules import RULES
+def _rank(text: str):
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'full', got {text!r}") from None
 
-    p = _Parser(prog="ctm", description="Merge LoRA adapters into one low-rank adapter with "
-                "Compress-then-Merge (CtM).")
-    p.add_argument("--traceback", action="store_true", help="show the full traceback of an internal error")
-    sub = p.add_subparsers(dest="command", metavar="{merge,inspect}", required=True)
 
-    m = sub.add_parser("merge", help="merge adapters into one rank-R LoRA",
-                       description="Merge LoRA adapters (PEFT folders or kohya .safetensors files) into "
-                       "one rank-R LoRA. Methods: " + ", ".join(RULES) + ".")
-    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folder or kohya .safetensors")
-    m.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output: a PEFT adapter folder, or a .safetensors file with --format kohya")
-    m.add_argument("--rank", type=int, required=True, metavar="R", help="rank of the merged LoRA")
-    m.add_argument("--method", default="ties", metavar="M",
-                   help=f"merge rule on the coordinates: {', '.join(RULES)} (default ties)")
+def _method(text: str) -> str:
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown merge method {text!r}{_suggest(text, METHODS)}; choose one of "
+                                         f"{', '.join(METHODS)}")
+    return text
+
+
+def _merge_options(m: argparse.ArgumentParser, dry_run_flag: bool) -> None:
+    m.add_argument("adapters", nargs="*", metavar="ADAPTER",
+                   help="PEFT adapter folder, kohya .safetensors or Hugging Face Hub id (org/name[@revision])")
+    m.add_argument("-c", "--config", metavar="FILE", help="YAML merge config (mergekit style: adapters with "
+                   "weights, merge_method, parameters, rank, output); options given here override it")
+    m.add_argument("-o", "--output", metavar="OUT",
+                   help="output: a PEFT adapter folder, or a kohya file when it ends in .safetensors")
+    m.add_argument("--rank", type=_rank, metavar="R",
+                   help="rank of the merged LoRA, capped at min(m, n) per module; 'full' keeps every "
+                   "direction of the inputs (min(sum of input ranks, m, n))")
+    m.add_argument("--method", type=_method, metavar="M", help=f"merge rule: {', '.join(METHODS)}")
     m.add_argument("--top-k", type=float, dest="top_k", metavar="F",
                    help="ties/dare_ties: share of entries each adapter keeps, in (0, 1]")
     m.add_argument("--p", type=float, metavar="F", help="dare/dare_ties: drop probability, in [0, 1)")
     m.add_argument("--seed", type=int, metavar="N", help="dare/dare_ties: seed of the drop masks")
-    m.add_argument("--beta", type=float, default=0.0, metavar="F",
-                   help="0 equalises the adapters' norms in the subspace search, 1 keeps them (default 0)")
-    m.add_argument("--scale", type=float, default=1.0, metavar="F", help="global scale of the merged update")
-    m.add_argument("--weights", type=_floats, metavar="W1,W2,...", help="one weight per adapter")
-    m.add_argument("--stop", choices=["energy", "subspace"], default="energy",
-                   help="when the subspace search ends: energy (default) when the energy kept, in total "
-                        "and per adapter, has stopped changing; subspace when the subspaces have stopped "
-                        "moving (the exact fixed point, reproducible across devices)")
-    m.add_argument("--tol", type=float, default=None, metavar="F",
-                   help="tolerance of the stop test: energy: largest change still expected of the "
-                        "relative energy kept (default 1e-6); subspace: sine of the largest principal "
-                        "angle of a step (default 1e-4)")
-    m.add_argument("--max-iter", type=int, default=1000, dest="max_iter", metavar="N",
-                   help="most subspace iterations per module (default 1000)")
-    m.add_argument("--format", choices=FORMATS, default="peft", help="output format (default peft)")
-    m.add_argument("--kohya-prefix", default=DEFAULT_PREFIX, metavar="P",
-                   help=f"kohya name prefix for PEFT module paths (default {DEFAULT_PREFIX})")
-    m.add_argument("--device", default=None, metavar="cpu|cuda", help="device of the merge (default cpu)")
-    m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="factor dtype of the merge and the output (default: the inputs')")
-    m.add_argument("--max-group-mb", type=int, default=DEFAULT_GROUP_BYTES // 2**20, dest="max_group_mb",
-                   metavar="MB", help="most input factor memory read at once (default %(default)s)")
-    m.add_argument("--no-prefetch", action="store_false", dest="prefetch",
-                   help="read each module group only when the previous one is merged (default: the next "
-                   "group is read on a background thread while this one is merged)")
-    m.add_argument("--report", metavar="FILE", help="write the merge report (share kept per adapter, "
-                   "iterations, time, bytes and seconds read, peak memory) as JSON to FILE")
-    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    m.add_argument("--beta", type=float, metavar="F",
+                   help="0 equalises the adapters' norms in the subspace search, 1 keeps them")
+    m.add_argument("--scale", type=float, metavar="F", help="global scale of the merged update")
+    m.add_argument("--weights", type=_floats, metavar="W1,W2,...", help="one weight per adapter (default: all 1)")
+    m.add_argument("--stop", choices=("energy", "subspace"),
+                   help="when the subspace search of a module ends: energy, when the energy kept (in total "
+                   "and per adapter) has stopped changing; subspace, when the subspaces have stopped moving "
+                   "(the exact fixed point, reproducible across devices)")
+    m.add_argument("--tol", type=float, metavar="F",
+                   help="tolerance of the stop test: the energy kept's change still expected (default 1e-6), "
+                   "or the sine of the largest principal angle of a step (default 1e-4)")
+    m.add_argument("--max-iter", type=int, dest="max_iter", metavar="N", help="most subspace iterations per module")
+    m.add_argument("--format", choices=("auto", "peft", "kohya"),
+                   help="output format; auto: kohya for OUT ending in .safetensors, else peft")
+    m.add_argument("--kohya-prefix", dest="kohya_prefix", metavar="P",
+                   help="kohya name prefix for PEFT module paths")
+    m.add_argument("--device", metavar="cpu|cuda", help="device of the merge")
+    m.add_argument("--dtype", choices=["auto", *DTYPE_NAMES],
+                   help="factor dtype of the merge and the output; auto: the inputs'")
+    m.add_argument("--max-group-mb", type=int, dest="max_group_mb", metavar="MB",
+                   help="most input factor memory read at once")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a previous ctm output (anything else is refused)")
+    if dry_run_flag:
+        m.add_argument("--dry-run", action="store_true", dest="dry_run",
+                       help="print the plan (as ctm plan) and write nothing")
+        m.add_argument("--threads", type=int, metavar="N", help="CPU threads per process")
+        m.add_argument("--no-prefetch", action="store_false", dest="prefetch",
+                       help="read each module group only when the previous one is merged (default: the next "
+                       "group is read on a background thread while this one is merged)")
+        m.add_argument("--report", metavar="FILE", help="write the merge report (share kept per adapter, "
+                       "iterations, time, bytes and seconds read, peak memory) as JSON to FILE")
+        m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    else:
+        m.add_argument("--json", action="store_true", help="machine-readable output")
 
-    i = sub.add_parser("inspect", help="list an adapter's modules, ranks, alphas, dtypes, parameters")
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="ctm", description="Merge LoRA adapters into one low-rank adapter with "
+                "Compress-then-Merge (CtM).")
+    p.add_argument("--version", action="version", version=f"ctm {__version__}")
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an internal error")
+    sub = p.add_subparsers(dest="command", metavar="{merge,plan,inspect}", parser_class=_Parser)
+
+    m = sub.add_parser("merge", help="merge adapters into one rank-R LoRA",
+                       description="Merge LoRA adapters (PEFT folders, kohya .safetensors files or Hub ids) into "
+                       "one rank-R LoRA. Methods: " + ", ".join(METHODS) + ".")
+    _merge_options(m, dry_run_flag=True)
+    pl = sub.add_parser("plan", help="dry run: what a merge would do, reading no factor",
+                        description="Print the modules, groups, rank per module, which adapters adapt which "
+                        "modules, estimated memory and time, and every problem found, reading no factor. "
+                        "Takes the options of ctm merge; exit status 2 when a problem is found.")
+    _merge_options(pl, dry_run_flag=False)
+    i = sub.add_parser("inspect", help="list an adapter's modules, ranks, alphas, dtypes, NaN/Inf factors; "
+                       "describe adapters the merge refuses and why")
     i.add_argument("adapters", nargs="+", metavar="ADAPTER")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--no-values", action="store_false", dest="check_values",
+                   help="read headers only (default: read the factors and report NaN/Inf)")
     return p
 
 
+def _settings(args) -> dict:
+    """The merge's keyword arguments: the config file's, then the options given, then defaults."""
+    from .pipeline.config import load_config
+
+    kw = load_config(args.config) if args.config else {}
+    if args.adapters:
+        if args.config:
+            raise UsageError(f"ctm: give the adapters in {args.config} or on the command line, not both")
+        kw["adapters"] = list(args.adapters)
+        kw.pop("weights", None)
+    given = {k: getattr(args, k) for k in ("rank", "method", "beta", "scale", "stop", "tol", "max_iter", "format",
+                                          "kohya_prefix", "device", "dtype", "weights", "output", "top_k", "p",
+                                          "seed") if getattr(args, k) is not None}
+    kw.update(given)
+    if args.max_group_mb is not None:
+        if args.max_group_mb < 1:
+            raise UsageError("ctm: --max-group-mb must be at least 1")
+        kw["max_group_bytes"] = args.max_group_mb * 2**20
+    if not kw.get("adapters"):
+        raise UsageError("ctm: no adapters (give them on the command line or in --config)")
+    if kw.get("rank") is None:
+        raise UsageError("ctm: --rank is required (or rank: in --config)")
+    for k in ("method", "beta", "scale", "stop", "max_iter", "kohya_prefix"):
+        kw.setdefault(k, DEFAULTS[k])
+    if kw.get("dtype") == "auto":
+        kw["dtype"] = None
+    if kw.get("format") == "auto":
+        kw["format"] = None
+    kw["overwrite"] = args.overwrite
+    return kw
+
+
+def _cmd_plan(args, kw: dict) -> int:
+    from .api import plan_merge
+
+    plan = plan_merge(kw.pop("adapters"), **kw)
+    if getattr(args, "json", False):
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(plan.describe())
+    return EXIT_USAGE if plan.problems else EXIT_OK
+
+
 def _cmd_merge(args) -> int:
+    kw = _settings(args)
+    if args.dry_run:
+        return _cmd_plan(args, kw)
+    if kw.get("output") is None:
+        raise UsageError("ctm: -o/--output is required (or output: in --config)")
+    if args.report is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise UsageError(f"ctm: --report: no such directory for {args.report}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("ctm: --threads must be at least 1")
+    import torch
+
     from .api import merge
 
-    rule_params = {k: getattr(args, k) for k in ("top_k", "p", "seed") if getattr(args, k) is not None}
-    if args.max_group_mb < 1:
-        raise UsageError("ctm merge: --max-group-mb must be at least 1")
-    if args.format == "kohya" and not args.output.endswith(".safetensors"):
-        raise UsageError(f"ctm merge: with --format kohya the output is one file ending in .safetensors, "
-                         f"got {args.output!r}")
-    from pathlib import Path
-    out = Path(args.output)
-    if (out.exists() or out.is_symlink()) and not args.overwrite:
-        raise UsageError(f"ctm merge: {out}: already exists (use --overwrite to replace it)")
-    if args.report is not None and not Path(args.report).resolve().parent.is_dir():
-        raise UsageError(f"ctm merge: --report: no such directory for {args.report}")
-    with _process_group(args.device) as (rank, device):
-        result = merge(args.adapters, rank=args.rank, method=args.method, weights=args.weights, beta=args.beta,
-                       scale=args.scale, stop=args.stop, tol=args.tol, max_iter=args.max_iter, device=device,
-                       dtype=None if args.dtype == "auto" else args.dtype,
-                       max_group_bytes=args.max_group_mb * 2**20, progress=not args.quiet and rank == 0,
-                       output=out, format=args.format, overwrite=args.overwrite, kohya_prefix=args.kohya_prefix,
-                       prefetch=args.prefetch, **rule_params)
+    torch.set_num_threads(args.threads or DEFAULT_THREADS)
+    from .pipeline.ranks import process_group
+
+    with process_group(kw.get("device")) as (rank, device):
+        kw["device"] = device
+        result = merge(kw.pop("adapters"), progress=not args.quiet and rank == 0, prefetch=args.prefetch, **kw)
     if rank == 0:
         if args.report is not None:
-            Path(args.report).write_text(json.dumps(result.report(), indent=2) + "\n")
+            with open(args.report, "w") as f:
+                f.write(json.dumps(result.report(), indent=2) + "\n")
         if not args.quiet:
             print(result.summary())
-            print(f"wrote {out} ({args.format})")
+            print(f"wrote {result.output} ({result.format})")
     return EXIT_OK
-
-
-def _launched_ranks() -> tuple[int, int]:
-    """``(rank, world size)`` set by torchrun (``(0, 1)`` otherwise)."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 0, 1
-
-
-class _process_group:
-    """Under torchrun (WORLD_SIZE > 1) and no process group yet: create one for the merge
-    (nccl for a CUDA merge, each rank on the GPU of its LOCAL_RANK; gloo otherwise) and destroy
-    it afterwards. Yields ``(rank, device)``."""
-
-    def __init__(self, device):
-        self.device = device
-        self.created = False
-
-    def __enter__(self):
-        rank, world = _launched_ranks()
-        if world <= 1:
-            return 0, self.device
-        import torch
-        import torch.distributed as dist
-
-        from .api import _check_device
-
-        device = _check_device(self.device)          # a missing CUDA fails here, before any rendezvous
-        if dist.is_initialized():
-            return dist.get_rank(), device
-        if device is not None and device.type == "cuda":
-            if device.index is None:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        self.created = True
-        return dist.get_rank(), device
-
-    def __exit__(self, *exc):
-        if self.created:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
 
 def _cmd_inspect(args) -> int:
     from .api import inspect_adapter
 
-    reports = [inspect_adapter(a) for a in args.adapters]
+    reports = [inspect_adapter(a, check_values=args.check_values) for a in args.adapters]
     if args.json:
         print(json.dumps(reports, indent=2))
         return EXIT_OK
     for rep in reports:
+        if not rep["mergeable"]:
+            print(f"{rep['label']}: {rep['format']}, {len(rep['tensors'])} tensors; the merge refuses it: "
+                  f"{rep['refused']}")
+            for t in rep["tensors"]:
+                print(f"  {t['key']}  {t['dtype']} {t['shape']}")
+            continue
         ranks = sorted({m["rank"] for m in rep["modules"]})
         dtypes = sorted({m["dtype"] for m in rep["modules"]})
-        print(f"{rep['label']}: {rep['format']}, {len(rep['modules'])} modules, ranks {ranks}, "
+        n = len(rep["modules"])
+        print(f"{rep['label']}: {rep['format']}, {n} module{'s' if n != 1 else ''}, ranks {ranks}, "
               f"dtypes {dtypes}, {rep['parameters']:,} parameters"
               + (", rsLoRA" if rep["use_rslora"] else "")
               + (f", base model {rep['base_model_name_or_path']}" if rep["base_model_name_or_path"] else ""))
@@ -192,41 +291,57 @@ def _cmd_inspect(args) -> int:
                   f"{m['alpha']:>8g} {m['scale']:>8.4g}  {m['dtype']}")
         for key in rep["passthrough"]:
             print(f"  carries full tensor {key} (written unchanged to a PEFT output)")
+        for bad in rep.get("nonfinite", []):
+            print(f"  {bad['key']}: {bad['nan']} NaN and {bad['inf']} Inf values (the merge refuses this adapter)")
     return EXIT_OK
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    text = " ".join(str(e).split())
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def main(argv=None) -> int:
     """Run ``ctm`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    show_tb = "--traceback" in (sys.argv[1:] if argv is None else argv)
-    rank, world = _launched_ranks()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    show_tb = "--traceback" in argv
+    rank, world = launched_ranks()
     # under torchrun every rank sees the same bad input, and an error on one rank is raised on
     # all of them naming that rank: rank 0 reports it, once
     speak = rank == 0
     try:
-        args = build_parser().parse_args(argv)
-        return _cmd_merge(args) if args.command == "merge" else _cmd_inspect(args)
-    except SystemExit as e:                      # --help
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_OK
+        if args.command == "merge":
+            return _cmd_merge(args)
+        if args.command == "plan":
+            return _cmd_plan(args, _settings(args))
+        return _cmd_inspect(args)
+    except SystemExit as e:                      # --help, --version
         return e.code if isinstance(e.code, int) else EXIT_OK
+    except BrokenPipeError:
+        # the reader went away (| head): stop quietly; stdout's buffered rest would fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except UsageError as e:
         if speak:
-            print(_one_line(e), file=sys.stderr)
+            print(f"ctm: error: {_one_line(e).removeprefix('ctm: ')}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as e:                      # bad input: adapters, rank, method, options
         if speak:
             print(f"ctm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("ctm: interrupted", file=sys.stderr)
+        print("ctm: error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - anything else: one line, status 1
         if show_tb:
             traceback.print_exc()
         where = f"[rank {rank}] " if world > 1 else ""
-        print(f"ctm: {where}internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        print(f"ctm: error: {where}internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAIL
 
 

@@ -175,7 +175,7 @@ def check_layer(A, B, scales=None, weights=None, *, rank=None, layer=None):
     return m, n, ranks, s, w
 
 
-def _check_solver(stop, tol, max_iter, beta):
+def check_solver(stop, tol, max_iter, beta):
     if stop not in STOP_TESTS:
         raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
     if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool)
@@ -866,7 +866,7 @@ def prepare(A, B, *, rank, beta=0.0, weights=None, scales=None, stop="energy", t
     A: list of ``[r_t, n]`` (lora_A), B: list of ``[m, r_t]`` (lora_B), ``scales`` the LoRA
     scaling of each adapter (alpha/r or alpha/sqrt(r)), ``weights`` the user's weights.
     The returned plan's ``merge(method, scale=..., **rule_params)`` costs one rule and one lift."""
-    _check_solver(stop, tol, max_iter, beta)
+    check_solver(stop, tol, max_iter, beta)
     _, _, _, s, w = check_layer(A, B, scales, weights, rank=rank)
     return Plan(GroupPlan([(list(A), list(B), s, w)], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                           accelerate=accelerate, device=device, backend_name=backend))
@@ -926,7 +926,7 @@ def prepare_layers(layers, *, rank, beta=0.0, weights=None, stop="energy", tol=N
     is one list for all layers or a list of per-layer lists. Same-shape layers are batched.
     ``layer_ids`` (default ``0..len-1``) identify the layers to seeded rules (DARE): give each
     module of a model its own id so that its mask does not depend on how it is batched."""
-    _check_solver(stop, tol, max_iter, beta)
+    check_solver(stop, tol, max_iter, beta)
     norm = _normalise_layers(layers, weights, rank)
     ids = _layer_ids(layer_ids, len(norm))
     plans: list[Plan | None] = [None] * len(norm)
@@ -947,7 +947,7 @@ def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=No
                  **rule_params) -> list[MergedLayer]:
     """Merge many layers (same-shape ones batched); see :func:`prepare_layers`."""
     resolve_params(method, rule_params)
-    _check_solver(stop, tol, max_iter, beta)
+    check_solver(stop, tol, max_iter, beta)
     norm = _normalise_layers(layers, weights, rank)
     ids = _layer_ids(layer_ids, len(norm))
     out: list[MergedLayer | None] = [None] * len(norm)

@@ -123,9 +123,10 @@ def test_overwrite(three, tmp_path, capsys):
     args = ["merge", str(three[0]), "-o", str(out), "--rank", "2", "-q"]
     assert main(args) == 0
     assert main(args) == 2
-    assert "already exists (use --overwrite" in capsys.readouterr().err
+    assert "already exists (pass overwrite=True / --overwrite to replace a previous ctm output)" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--method", "sum"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "m"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "ctm_merge.yaml"]
 
 
 def test_inspect(three, tmp_path, capsys):
@@ -134,9 +135,10 @@ def test_inspect(three, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "b/adapter_model.safetensors: peft, 2 modules, ranks [6], dtypes ['float32'], 480 parameters, rsLoRA" in text
     assert "model.layers.1.q_proj" in text and f"{12 / math.sqrt(6):.4g}" in text
-    assert "k.safetensors: kohya, 1 modules, ranks [3], dtypes ['float32'], 48 parameters" in text
+    assert "k.safetensors: kohya, 1 module, ranks [3], dtypes ['float32'], 48 parameters" in text
     assert main(["inspect", "--json", str(k)]) == 0
     rep = json.loads(capsys.readouterr().out)[0]
+    assert rep["mergeable"] is True and rep["nonfinite"] == []
     assert rep["modules"][0] == {"name": "lora_unet_x", "kind": "linear", "out": 6, "in": 10, "rank": 3,
                                  "alpha": 1.5, "scale": 0.5, "dtype": "float32", "params": 48}
 
@@ -147,17 +149,10 @@ def test_kohya_round_trip(tmp_path):
     mods["lora_unet_blocks_0_conv"] = (torch.randn(4, 3, 3, 3, generator=g), torch.randn(5, 4, 1, 1, generator=g))
     k = kohya_file(tmp_path / "in.safetensors", mods, {"lora_unet_blocks_0_to_q": 2.0, "lora_unet_blocks_0_conv": 8})
     want = kohya_updates(k)
-    # kohya in, PEFT out
-    assert main(["merge", str(k), "-o", str(tmp_path / "peft"), "--rank", "4", "--method", "sum", "-q"]) == 0
-    got = peft_updates(tmp_path / "peft")
-    assert sorted(got) == sorted(want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
-    conv = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))[f"{P}lora_unet_blocks_0_conv.lora_A.weight"]
+    # kohya in, kohya out (the format follows the output's name): the names come back unchanged
+    assert main(["merge", str(k), "-o", str(tmp_path / "out.safetensors"), "--rank", "4", "--method", "sum", "-q"]) == 0
+    conv = load_file(str(tmp_path / "out.safetensors"))["lora_unet_blocks_0_conv.lora_down.weight"]
     assert conv.shape == (4, 3, 3, 3)
-    # PEFT in, kohya out: the names come back unchanged
-    assert main(["merge", str(tmp_path / "peft"), "-o", str(tmp_path / "out.safetensors"), "--format", "kohya",
-                 "--rank", "4", "--method", "sum", "-q"]) == 0
     back = kohya_updates(tmp_path / "out.safetensors")
     assert sorted(back) == sorted(want)
     for name in want:
@@ -226,7 +221,7 @@ def _bad(name, tmp_path):
     if name == "bias":
         f = peft_folder(tmp_path / "b", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2, "bias": "all"},
                         {f"{P}model.q_proj.base_layer.bias": torch.ones(8)})
-        return [str(f)], [f"b/adapter_model.safetensors: {P}model.q_proj.base_layer.bias: trained bias"]
+        return [str(f)], ["b/adapter_config.json: bias: 'all': the adapter trains the base layers' biases"]
     if name == "lora-bias":
         f = peft_folder(tmp_path / "b", {"model.q_proj": _pair(8, 8, 2, 0)}, {"r": 2, "lora_bias": True},
                         {f"{P}model.q_proj.lora_B.bias": torch.ones(8)})
@@ -254,18 +249,15 @@ def _bad(name, tmp_path):
     if name == "bad-top-k":
         return [str(ok), "--top-k", "1.5"], ["top_k=1.5 is invalid"]
     if name == "rank-zero":
-        return [str(ok), "--rank", "0"], ["rank must be a positive integer, got 0"]
-    if name == "rank-too-big":
-        return [str(ok), "--rank", "9"], ["ok/adapter_model.safetensors", f"{P}model.q_proj.lora_A.weight",
-                                          "rank 9 exceeds min(m, n) = 8"]
+        return [str(ok), "--rank", "0"], ["rank must be a positive integer or 'full', got 0"]
     if name == "rank-not-int":
-        return [str(ok), "--rank", "two"], ["--rank: invalid int value: 'two'"]
+        return [str(ok), "--rank", "two"], ["--rank: expected a positive integer or 'full', got 'two'"]
     if name == "weights-count":
-        return [str(ok), "--weights", "1,2"], ["2 weights for 1 adapters"]
+        return [str(ok), "--weights", "1,2"], ["2 weights for 1 adapter"]
     if name == "weights-text":
         return [str(ok), "--weights", "1,x"], ["expected comma-separated numbers"]
     if name == "kohya-output-name":
-        return [str(ok), "--format", "kohya"], ["--format kohya the output is one file ending in .safetensors"]
+        return [str(ok), "--format", "kohya"], ["outputs/merged: a kohya LoRA is one file; give a path ending in .safetensors"]
     if name == "cuda-missing" and not torch.cuda.is_available():
         return [str(ok), "--device", "cuda"], ["CUDA is not available"]
     if name == "bad-dtype":
@@ -275,7 +267,7 @@ def _bad(name, tmp_path):
 
 BAD = ["missing-file", "corrupt-safetensors", "truncated-safetensors", "missing-config", "shape-mismatch", "nan",
        "inf", "dora", "dora-key", "bias", "lora-bias", "modules-to-save", "full-weight-key", "bin-folder",
-       "bin-file", "unknown-method", "method-param", "bad-top-k", "rank-zero", "rank-too-big", "rank-not-int",
+       "bin-file", "unknown-method", "method-param", "bad-top-k", "rank-zero", "rank-not-int",
        "weights-count", "weights-text", "kohya-output-name", "bad-dtype"]
 if not torch.cuda.is_available():
     BAD.append("cuda-missing")
@@ -307,21 +299,44 @@ def test_bad_input_in_inspect(tmp_path, capsys):
 def test_internal_error_exit_1(three, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kernel exploded\nsecond line")
-    monkeypatch.setattr(api, "merge_layers", boom)
+    monkeypatch.setattr("ctm_kernels.pipeline.merge.merge_layers", boom)
     rc = main(["merge", str(three[0]), "-o", str(tmp_path / "m"), "--rank", "2"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert err.strip().splitlines() == ["ctm: internal error: RuntimeError: kernel exploded second line"]
+    assert err.strip().splitlines() == ["ctm: error: internal error: RuntimeError: kernel exploded second line"]
     assert not (tmp_path / "m").exists()
     assert main(["--traceback", "merge", str(three[0]), "-o", str(tmp_path / "m"), "--rank", "2"]) == 1
     assert "Traceback" in capsys.readouterr().err
 
 
 def test_usage_errors(capsys):
-    assert main([]) == 2
-    assert "required" in capsys.readouterr().err
+    assert main([]) == 0                                  # bare ctm: the help
+    assert capsys.readouterr().out.startswith("usage: ctm")
     assert main(["merge", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the following arguments are required: -o/--output, --rank" in err[0]
+    assert err == ["ctm: error: --rank is required (or rank: in --config)"]
+    assert main(["merge", "x", "--rank", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "ctm: error: -o/--output is required (or output: in --config)"
     assert main(["--help"]) == 0
     assert "merge" in capsys.readouterr().out
+
+
+def test_stop_option_reaches_the_engine(tmp_path):
+    """--stop picks the subspace search's stop test; the report says which test ended each
+    module, and the default is the energy test."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    adapters = [str(p) for p in sorted((root / "examples" / "adapters").iterdir())]
+    for stop, extra in (("energy", []), ("subspace", ["--stop", "subspace", "--tol", "1e-9"])):
+        report = tmp_path / f"{stop}.json"
+        out = tmp_path / f"merged-{stop}"
+        proc = subprocess.run([sys.executable, "-m", "ctm_kernels", "merge", *adapters, "-o", str(out), "--rank", "8",
+                               "-q", "--report", str(report), *extra], capture_output=True, text=True, cwd=root)
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(report.read_text())
+        assert set(data["stopped_by"]) == {stop}, data["stopped_by"]
+        assert f"stop: {stop}" in (out / "ctm_merge.yaml").read_text()       # the resolved config records it

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ctm_kernels
-from ctm_kernels import api
-from ctm_kernels.io import open_adapter, plan_groups, plan_modules
+from ctm_kernels.io import open_adapter
+from ctm_kernels.pipeline.plan import DEFAULT_GROUP_BYTES, plan_groups, plan_modules
+from ctm_kernels.pipeline.ranks import Ranks
 
 ROOT = Path(ctm_kernels.__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,9 +65,11 @@ def test_torchrun_two_ranks_writes_the_single_process_bytes(tiny_set, tmp_path):
 
 def _group_of_rank(adapters, rank, world=2):
     opened = [open_adapter(a) for a in adapters]
-    groups = plan_groups(plan_modules(opened), api.DEFAULT_GROUP_BYTES)
+    groups = plan_groups(plan_modules(opened), DEFAULT_GROUP_BYTES)
     sizes = [sum(s.nbytes for e in g for _, s in e.specs) for g in groups]
-    return groups[api._share_groups(sizes, world)[rank][0]]
+    ranks = Ranks()
+    ranks.world, ranks.rank = world, rank
+    return groups[ranks.share(sizes)[0]]
 
 
 def test_torchrun_failure_on_one_rank_fails_all(tiny_set, tmp_path):

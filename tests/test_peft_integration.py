@@ -303,3 +303,36 @@ def test_bundled_examples(tmp_path):
         merged = PeftModel.from_pretrained(ex.base_model(), str(out)).eval()(tokens).logits
         base = ex.base_model()(tokens).logits
     assert torch.isfinite(merged).all() and (merged - base).abs().max() > 1e-3
+
+
+def test_lm_head_lora_and_full_rank(tmp_path):
+    """LoRA on lm_head, saved by PEFT with the head's base weights (as for embed_tokens), merges
+    and loads back; ``rank="full"`` (per module min(R, m, n)) keeps the exact sum, on the command
+    line and in add_merged_adapter alike."""
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(2):
+            pm = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+            _randomise_lora(pm, 40 + i)
+            pm.save_pretrained(tmp_path / f"h{i}")
+            paths.append(tmp_path / f"h{i}")
+    from safetensors import safe_open
+    with safe_open(str(paths[0] / "adapter_model.safetensors"), framework="pt") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in f.keys()
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, paths), "-o", str(out), "--rank", "full", "--method", "sum", "-q"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(llama(), str(paths[0]), adapter_name="a")
+        pm.load_adapter(str(paths[1]), adapter_name="b")
+        pm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cat", combination_type="cat")
+    add_merged_adapter(pm, ["a", "b"], "ctm", rank="full", method="sum")
+    with torch.no_grad():
+        got = _load_merged(out)(TOKENS).logits
+        pm.set_adapter("cat")
+        cat = pm(TOKENS).logits
+        pm.set_adapter("ctm")
+        mine = pm(TOKENS).logits
+    torch.testing.assert_close(got, cat, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mine, cat, rtol=1e-4, atol=1e-4)

@@ -2,8 +2,9 @@
 
 :func:`add_merged_adapter` reads the factors and scalings of already loaded LoRA adapters from
 the model's LoRA layers, merges every adapted module with Compress-then-Merge (batched over
-same-shape modules, see :func:`ctm_kernels.merge`), and installs the result as a new adapter
-of rank ``rank`` (``lora_alpha = rank``, so scaling 1). Like ``add_weighted_adapter`` it does
+same-shape modules: the pipeline of :func:`ctm_kernels.merge`, with the model's layers as its
+inputs), and installs the result as a new adapter of rank ``rank`` (``lora_alpha = rank``, so
+scaling 1). Like ``add_weighted_adapter`` it does
 not activate the new adapter: call ``peft_model.set_adapter(new_adapter_name)``.
 """
 from __future__ import annotations
@@ -69,12 +70,13 @@ def _read_adapter(lora, name: str) -> Adapter:
     return Adapter(label=label, format="peft", store=DictStore(tensors, label), modules=modules, config=cfg_dict)
 
 
-def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_name: str, *, rank: int,
+def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_name: str, *, rank: int | str,
                        method: str = "ties", weights=None, beta: float = 0.0, scale: float = 1.0,
                        stop: str = "energy", tol: float | None = None, max_iter: int = 1000, device=None,
                        **rule_params) -> MergeResult:
     """Merge the loaded LoRA adapters ``adapter_names`` of ``peft_model`` into a new adapter
-    ``new_adapter_name`` of rank ``rank`` with CtM, and install it (not activated).
+    ``new_adapter_name`` of rank ``rank`` with CtM, and install it (not activated). ``rank``
+    is capped at ``min(m, n)`` per module, or ``"full"`` (see :func:`ctm_kernels.merge`).
 
     ``method``, ``weights``, ``beta``, ``scale``, ``stop``, ``tol``, ``max_iter`` and ``rule_params``
     are those of :func:`ctm_kernels.merge`. Scalings are read from the LoRA layers
@@ -95,7 +97,9 @@ def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_nam
                 max_iter=max_iter, device=device, **rule_params)
 
     base_cfg = lora.peft_config[names[0]]
-    changes = dict(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+    merged = res.config()                    # r, and a rank_pattern for modules capped at min(m, n)
+    changes = dict(r=merged["r"], lora_alpha=merged["lora_alpha"], use_rslora=False,
+                   rank_pattern=merged["rank_pattern"], alpha_pattern=merged["alpha_pattern"],
                    target_modules={mm.name for mm in res.modules}, exclude_modules=None, layers_to_transform=None,
                    layers_pattern=None, modules_to_save=None, use_dora=False, init_lora_weights=True,
                    lora_dropout=0.0)

@@ -6,14 +6,15 @@ and config only, validated); the factors are read later, a module group at a tim
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
+from . import hub
 from .kohya import read_kohya, read_kohya_state_dict, write_kohya, kohya_tensors, kohya_name
 from .peft import (CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, merged_config, peft_tensors, read_peft,
                    read_peft_state_dict, write_peft)
-from .stream import (Adapter, AdapterError, LazyTensor, MergedModule, ModuleEntry, ModuleSpec,
-                     load_group, plan_groups, plan_modules, write_safetensors)
+from .stream import Adapter, AdapterError, LazyTensor, MergedModule, ModuleSpec, write_safetensors
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -21,12 +22,14 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def open_adapter(source, label: str | None = None) -> Adapter:
     """Open one adapter.
 
-    ``source`` is a path (a PEFT adapter folder; its ``adapter_model.safetensors``; or a kohya
+    ``source`` is a Hugging Face Hub id (``org/name[@revision]``, see :mod:`.hub`), a path (a PEFT adapter folder; its ``adapter_model.safetensors``; or a kohya
     ``.safetensors`` file), a kohya state dict, or a PEFT ``(state_dict, config)`` pair (config
     a dict or ``peft.LoraConfig``). Bad input raises :class:`AdapterError` (a ``ValueError``)
     naming the file and key."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if not path.exists() and isinstance(source, str) and hub.hub_id(source) is not None:
+            return _open_snapshot(hub.resolve(source), source)
         if path.is_dir():
             return read_peft(path)
         if not path.exists():
@@ -50,7 +53,22 @@ def open_adapter(source, label: str | None = None) -> Adapter:
                        f"got {type(source).__name__}")
 
 
-__all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleEntry", "ModuleSpec",
+def _open_snapshot(folder: Path, source: str) -> Adapter:
+    """A Hub snapshot: a PEFT adapter folder, or a repository holding one kohya file."""
+    if (folder / CONFIG_NAME).is_file():
+        ad = read_peft(folder)
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if len(files) != 1:
+            raise AdapterError(f"{source}: the Hub repository holds no {CONFIG_NAME} and "
+                               f"{len(files)} .safetensors files; expected a PEFT adapter or one kohya file")
+        ad = read_kohya(files[0])
+    # reports and later errors name the adapter as the user did (its path in the cache says
+    # little); the store keeps the path
+    return replace(ad, label=source)
+
+
+__all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleSpec",
            "open_adapter", "read_peft", "read_peft_state_dict", "read_kohya", "read_kohya_state_dict",
            "write_peft", "write_kohya", "peft_tensors", "kohya_tensors", "kohya_name", "merged_config",
-           "plan_modules", "plan_groups", "load_group", "write_safetensors", "PICKLE_NAMES"]
+           "write_safetensors", "PICKLE_NAMES"]

@@ -17,7 +17,7 @@ Reading follows PEFT's own rules (checked against peft 0.21):
   matches, as in ``peft.utils.other.get_pattern_key``.
 
 Anything the merged LoRA could not reproduce exactly is refused with the file and key:
-DoRA magnitudes, trained biases, ``modules_to_save``, trainable tokens, LoRA on raw
+DoRA magnitudes, trained biases (``bias`` other than ``"none"``), ``modules_to_save``, trainable tokens, LoRA on raw
 parameters, other LoRA variants, non-LoRA PEFT types, pickled ``.bin`` weights.
 """
 from __future__ import annotations
@@ -98,6 +98,12 @@ def check_config(cfg: Mapping, label: str) -> dict:
     for name, why in _REFUSED_FIELDS.items():
         if cfg.get(name):
             raise _config_error(label, name, f"{why}; cannot merge it exactly")
+    bias = cfg.get("bias", "none")
+    if bias not in (None, "none"):
+        # PEFT trains the biases of the adapted (``lora_only``) or of all (``all``) layers; a
+        # merged LoRA has nowhere to put them, and an adapter file may even lack them
+        raise _config_error(label, "bias", f"{bias!r}: the adapter trains the base layers' biases, which a "
+                            "merged LoRA has no place for; cannot merge it exactly")
     r = cfg.get("r", 8)
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -199,9 +205,10 @@ def read_peft_tensors(store: TensorStore, cfg: Mapping, label: str, config_label
             out_features=m, in_features=n, alpha=float(alpha), scale=float(scale))
     passthrough = []
     for full, module in passthrough_candidates:
-        # PEFT saves an embedding's base weights with its LoRA (save_embedding_layers);
-        # loading the adapter loads them too, so the merged adapter carries them unchanged
-        if module in modules and modules[module].kind == "embedding":
+        # PEFT saves the base weights of a targeted embed_tokens or lm_head with its LoRA
+        # (save_embedding_layers="auto"); loading the adapter loads them too, so the merged
+        # adapter carries them unchanged
+        if module in modules:
             passthrough.append(full)
         else:
             raise AdapterError(f"{label}: {full}: {_refusal(full)}")

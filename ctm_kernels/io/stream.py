@@ -2,9 +2,9 @@
 
 An adapter is read in two steps. Opening it reads only the safetensors header (names,
 shapes, dtypes) and the config, validates them, and describes every adapted module as a
-:class:`ModuleSpec`. The factors themselves are read later, a group of same-shape modules
-at a time (:func:`plan_groups`), so the memory held at once is one group's factors, not
-the adapters'.
+:class:`ModuleSpec`. The factors themselves are read later (:meth:`Adapter.load`), a group
+of same-shape modules at a time (:mod:`ctm_kernels.pipeline`), so the memory held at once
+is one group's factors, not the adapters'.
 
 Factor convention (the engine's): ``A [r, n]`` and ``B [m, r]`` with update
 ``dW = scale * B @ A`` as a map from the module's ``n`` inputs to its ``m`` outputs.
@@ -298,109 +298,6 @@ def check_factor_shapes(label: str, name: str, kind: str, a_key: str, b_key: str
 
 
 # ---------------------------------------------------------------------------------------------
-# module plan and memory-bounded groups
-
-
-@dataclass
-class ModuleEntry:
-    """One module of the merge: which adapters adapt it (indices into the adapter list)."""
-
-    name: str
-    specs: list[tuple[int, ModuleSpec]]
-
-    @property
-    def first(self) -> ModuleSpec:
-        return self.specs[0][1]
-
-
-def _natural_key(name: str):
-    # layers.2 before layers.10
-    parts = name.replace("_", ".").split(".")
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
-
-
-def _describe(spec: ModuleSpec) -> str:
-    """Kind and update shape ``[out, in(, *kernel)]`` of a module, for comparisons and messages."""
-    return f"{spec.kind} [{', '.join(map(str, (spec.out_features, *spec.a_shape[1:])))}]"
-
-
-def plan_modules(adapters: list[Adapter]) -> list[ModuleEntry]:
-    """The union of the adapters' modules; a module missing from an adapter has no entry for
-    it (it contributes nothing there). Raises when adapters disagree on a module's shape."""
-    entries: dict[str, ModuleEntry] = {}
-    for i, ad in enumerate(adapters):
-        for name, spec in ad.modules.items():
-            e = entries.get(name)
-            if e is None:
-                entries[name] = ModuleEntry(name, [(i, spec)])
-                continue
-            j, ref = e.specs[0]
-            if _describe(spec) != _describe(ref):
-                raise AdapterError(
-                    f"{ad.label}: {spec.a_key}: module {name} is {_describe(spec)} here but "
-                    f"{_describe(ref)} in {adapters[j].label} ({ref.a_key}); adapters of one base "
-                    "model must agree")
-            e.specs.append((i, spec))
-    return [entries[k] for k in sorted(entries, key=_natural_key)]
-
-
-def plan_groups(entries: list[ModuleEntry], max_bytes: int) -> list[list[ModuleEntry]]:
-    """Split the modules into groups of the same shape whose factors (all adapters) take at
-    most ``max_bytes`` (a single module larger than that is a group of its own).
-
-    Each shape's modules are cut, in order, into as few groups as the budget allows, and those
-    groups are made as even as possible: 600 MB of one shape under a 256 MB budget becomes
-    three groups of about 200 MB, not 256 + 256 + 88, so the largest group (what sets the peak
-    memory) is as small as the group count allows."""
-    by_shape: dict[tuple, list[ModuleEntry]] = {}
-    for e in entries:
-        by_shape.setdefault(e.first.shape_key, []).append(e)
-    groups = []
-    for members in by_shape.values():
-        sizes = [sum(s.nbytes for _, s in e.specs) for e in members]
-        count = len(_fill(sizes, max_bytes))
-        # the smallest cap that still gives ``count`` groups (filling greedily up to a cap
-        # gives the fewest groups for that cap)
-        lo, hi = max(sizes), max(max_bytes, max(sizes))
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(_fill(sizes, mid)) <= count:
-                hi = mid
-            else:
-                lo = mid + 1
-        groups += [[members[i] for i in idx] for idx in _fill(sizes, lo)]
-    return groups
-
-
-def _fill(sizes: list[int], cap: int) -> list[list[int]]:
-    """Consecutive indices into groups, each group filled up to ``cap`` (a larger item alone)."""
-    out, cur, total = [], [], 0
-    for i, b in enumerate(sizes):
-        if cur and total + b > cap:
-            out.append(cur)
-            cur, total = [], 0
-        cur.append(i)
-        total += b
-    out.append(cur)
-    return out
-
-
-def load_group(adapters: list[Adapter], group: list[ModuleEntry], dtype: torch.dtype | None,
-               stats: ReadStats | None = None) -> list[list[tuple[int, torch.Tensor, torch.Tensor, float]]]:
-    """Factors of one group: per module, ``(adapter index, A [r, n], B [m, r], scale)`` for the
-    adapters that adapt it. Each adapter's file is opened once for the whole group."""
-    wanted: dict[int, list[str]] = {}
-    for e in group:
-        for i, s in e.specs:
-            wanted.setdefault(i, []).append(e.name)
-    loaded = {i: adapters[i].load(names, dtype, stats) for i, names in wanted.items()}
-    out = []
-    for e in group:
-        out.append([(i, *loaded[i][e.name], s.scale) for i, s in e.specs])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # streaming safetensors writer
 
 
@@ -519,6 +416,13 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 # atomic outputs
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _check_destination(dest: Path, overwrite: bool) -> None:
     if dest.exists() or dest.is_symlink():
         if not overwrite:
@@ -538,6 +442,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     _check_destination(dest, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes it private (0700)
         yield tmp
         if dest.exists() or dest.is_symlink():
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
@@ -569,6 +474,7 @@ def atomic_file(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes it private (0600)
         yield tmp
         os.replace(tmp, dest)
     except BaseException:

@@ -1,0 +1,47 @@
+"""Stage 3, merge: one module group's factors through the engine as one batched problem."""
+from __future__ import annotations
+
+from ..engine import merge_layers
+from ..io.stream import MergedModule
+from .plan import MergePlan
+from .read import Factors
+
+
+def merge_group(plan: MergePlan, gi: int, factors: Factors) -> list[MergedModule]:
+    """Merge group ``gi`` of ``plan`` from its factors (as :func:`.read.load_group` returns
+    them); returns the merged modules (CPU, stored layout) with the engine's report.
+
+    A module that only some adapters adapt gets a zero update from the others. For ``mean``
+    that zero counts: the rule divides by every adapter given (``rules.rule_mean``), so a
+    module adapted by k of T adapters is merged with its weights times k / T, which turns the
+    engine's mean over the k into the mean over all T (a common factor leaves the subspace
+    and the share kept unchanged; the reported norms are divided back)."""
+    group = plan.groups[gi]
+    T = len(plan.adapters)
+    layers, layer_w, shrink = [], [], []
+    for mod in factors:
+        k = len(mod)
+        f = k / T if plan.method == "mean" else 1.0
+        layers.append(([a for _, a, _, _ in mod], [b for _, _, b, _ in mod], [s for *_, s in mod]))
+        layer_w.append([plan.weights[i] * f for i, *_ in mod])
+        shrink.append(f)
+    # each module is identified by its position among all modules, so that its DARE mask is
+    # the same whatever the group sizes (max_group_bytes) and whichever rank merges it
+    first = plan.firsts[gi]
+    out = merge_layers(layers, rank=group[0].rank, method=plan.method, weights=layer_w,
+                       layer_ids=range(first, first + len(layers)), device=plan.device, **plan.engine,
+                       **plan.params)
+    del layers
+    merged = []
+    for e, res, f in zip(group, out, shrink):
+        spec = e.first
+        A, B = res.A.detach().to("cpu"), res.B.detach().to("cpu")
+        if spec.kind == "conv":
+            A = A.reshape(A.shape[0], *spec.a_shape[1:])
+            B = B.reshape(B.shape[0], B.shape[1], *spec.b_shape[2:])
+        info = res.info
+        merged.append(MergedModule(e.name, spec.kind, A, B, {
+            "iterations": info.iterations, "converged": info.converged, "stopped_by": info.stopped_by,
+            "energy_kept": list(info.energy_kept),
+            "norms": [nu / f for nu in info.norms], "adapters": [i for i, _ in e.specs]}))
+    return merged

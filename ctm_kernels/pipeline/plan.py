@@ -1,0 +1,507 @@
+"""Stage 1, plan: open the adapters (headers and configs only), validate everything, choose
+a rank per module, and cut the modules into memory-bounded groups of one shape.
+
+Nothing here reads a factor, so a plan is cheap (a quarter of a second for 16 adapters of the
+Llama-3-8B layout, torch already imported) and is itself the dry run: :meth:`MergePlan.describe` prints what the
+merge will do and every problem found. With ``strict=False`` problems are collected rather
+than raised, so that a dry run lists them all.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from math import prod
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..io import Adapter, AdapterError, ModuleSpec, open_adapter
+from ..io.kohya import DEFAULT_PREFIX, kohya_name
+from ..rules import resolve_params
+
+# Input factor bytes per module group. The merge holds about 7x a group's bytes at its peak
+# for bf16 factors on CPU (the group being read, the group being merged, the engine's stacked
+# copy of it and its float64 working copies), so 256 MiB keeps whole-model merges near 2 GiB.
+DEFAULT_GROUP_BYTES = 256 * 2**20
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
+FORMATS = ("peft", "kohya")
+FULL_RANK = "full"
+
+# Rough time model for the dry run, calibrated on one measured whole-model merge (README:
+# 16 rank-16 bf16 adapters over the Llama-3-8B layout, so R = 256, TIES, 49 s on this
+# project's 2-core CPU): time proportional to the sum over modules of (m + n) R^2 (Grams and
+# lift) plus _SWEEP_COST_R3 * R^3 (the subspace sweeps, about 7 of them there).
+_SWEEP_COST_R3 = 20
+_REF_SECONDS = 49.0
+_LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096),
+                    (4096, 14336)]
+
+
+def _module_work(m: int, n: int, R: int) -> int:
+    return (m + n) * R**2 + _SWEEP_COST_R3 * R**3
+
+
+_REF_WORK = 32 * sum(_module_work(m, n, 256) for m, n in _LLAMA3_8B_LAYER)
+
+
+@dataclass
+class ModuleEntry:
+    """One module of the merge: which adapters adapt it (indices into the adapter list) and
+    the rank of its merged LoRA."""
+
+    name: str
+    specs: list[tuple[int, ModuleSpec]]
+    rank: int = 0
+
+    @property
+    def first(self) -> ModuleSpec:
+        return self.specs[0][1]
+
+    @property
+    def stacked_rank(self) -> int:
+        """R: the sum of the contributing adapters' ranks."""
+        return sum(s.rank for _, s in self.specs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for _, s in self.specs)
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge needs before it reads a factor.
+
+    ``modules`` in output order, each with its merged rank; ``groups`` lists of modules (same
+    kind, shape and merged rank; at most ``max_group_bytes`` of input factors each) in the
+    order they are merged; ``firsts[g]`` the position of group ``g``'s first module in that
+    order (seeded rules identify a module by it). ``problems``: what stops the merge (empty
+    when the plan is good); ``notes``: what the user may want to know."""
+
+    adapters: list[Adapter]
+    weights: list[float]
+    rank: int | str
+    method: str
+    params: dict
+    dtype: torch.dtype | None
+    device: torch.device | None
+    format: str
+    output: Path | None
+    overwrite: bool
+    kohya_prefix: str
+    max_group_bytes: int
+    engine: dict = field(default_factory=dict)
+    modules: list[ModuleEntry] = field(default_factory=list)
+    groups: list[list[ModuleEntry]] = field(default_factory=list)
+    firsts: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sources: list = field(default_factory=list)
+
+    @property
+    def out_rank(self) -> int:
+        """``r`` of the output config: the requested rank, or with ``rank="full"`` the most
+        common merged rank (other modules get ``rank_pattern`` entries)."""
+        if isinstance(self.rank, int):
+            return self.rank
+        counts = Counter(e.rank for e in self.modules)
+        return max(counts, key=lambda r: (counts[r], r)) if counts else 0
+
+    def group_bytes(self) -> list[int]:
+        return [sum(e.nbytes for e in g) for g in self.groups]
+
+    def estimated_peak_bytes(self) -> int:
+        """Factor memory at the merge's peak: the group being merged and the one read ahead as
+        stored, the engine's stacked copy in the merge dtype and its float64 working copies (the
+        7x of a bf16 group that sets :data:`DEFAULT_GROUP_BYTES`)."""
+        peak = 0
+        for g in self.groups:
+            stored = sum(e.nbytes for e in g)
+            elems = sum(prod(s.a_shape) + prod(s.b_shape) for e in g for _, s in e.specs)
+            itemsize = (self.dtype or torch.float32).itemsize
+            peak = max(peak, 2 * stored + elems * itemsize + elems * 8)
+        return peak
+
+    def estimated_seconds(self) -> float:
+        """A rough single-process CPU time (see ``_REF_WORK``): the sweeps of a flat-spectrum set
+        can take several times longer, a GPU much less."""
+        work = sum(_module_work(e.first.out_features, e.first.in_features, e.stacked_rank) for e in self.modules)
+        return _REF_SECONDS * work / _REF_WORK
+
+    def to_dict(self) -> dict:
+        """The plan as plain data (``ctm plan --json``)."""
+        return {
+            "adapters": [{"label": a.label, "format": a.format, "weight": w, "modules": len(a.modules)}
+                         for a, w in zip(self.adapters, self.weights)],
+            "rank": self.rank, "method": self.method, "params": dict(self.params), "format": self.format,
+            "output": None if self.output is None else str(self.output),
+            "modules": [{"name": e.name, "kind": e.first.kind, "out": e.first.out_features,
+                         "in": e.first.in_features, "rank": e.rank, "stacked_rank": e.stacked_rank,
+                         "adapters": [i for i, _ in e.specs]} for e in self.modules],
+            "groups": [[e.name for e in g] for g in self.groups],
+            "shared_modules": sum(1 for e in self.modules if len(e.specs) > 1),
+            "estimated_peak_factor_bytes": self.estimated_peak_bytes(),
+            "estimated_seconds": self.estimated_seconds(),
+            "problems": list(self.problems), "notes": list(self.notes),
+        }
+
+    def describe(self) -> str:
+        """What the merge will do, for people (``ctm plan``)."""
+        T = len(self.adapters)
+        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        lines = [f"merge {T} adapter{'s' if T != 1 else ''} with {self.method}"
+                 f"{f' ({params})' if params else ''} at rank {self.rank}"
+                 + (f" into {self.output} ({self.format})" if self.output is not None else "")]
+        width = max((len(a.label) for a in self.adapters), default=0)
+        for i, (ad, w) in enumerate(zip(self.adapters, self.weights)):
+            shared = sum(1 for e in self.modules if len(e.specs) > 1 and any(j == i for j, _ in e.specs))
+            lines.append(f"  [{i}] {ad.label:<{width}}  {ad.format}, weight {w:g}, {len(ad.modules)} modules "
+                         f"({shared} shared with another adapter)")
+        if self.modules:
+            shared = sum(1 for e in self.modules if len(e.specs) > 1)
+            lines.append(f"{len(self.modules)} modules ({shared} adapted by more than one adapter) in "
+                         f"{len(self.groups)} groups:")
+            for g, b in zip(self.groups, self.group_bytes()):
+                s = g[0].first
+                lines.append(f"  {len(g):>4} x {s.kind} {s.out_features}x{s.in_features} at rank {g[0].rank}, "
+                             f"{_size(b)} of factors")
+            lines.append("modules (rank, adapters):")
+            for e in self.modules:
+                lines.append(f"  {e.name}  rank {e.rank}, adapters {','.join(str(i) for i, _ in e.specs)}")
+            lines.append(f"estimated peak factor memory {_size(self.estimated_peak_bytes())}, "
+                         f"rough time {self.estimated_seconds():.1f} s on one 2-core CPU process")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        for p in self.problems:
+            lines.append(f"problem: {p}")
+        if not self.problems:
+            lines.append("no problems found")
+        return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+
+
+class _Problems:
+    """Raise at once (a merge) or collect (a dry run)."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.found: list[str] = []
+
+    def __call__(self, message: str, cls=ValueError) -> None:
+        if self.strict:
+            raise cls(message)
+        self.found.append(message)
+
+
+def check_rank(rank) -> int | str:
+    if rank == FULL_RANK:
+        return rank
+    if isinstance(rank, str) and rank.strip().isdigit():
+        rank = int(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer or {FULL_RANK!r}, got {rank!r}")
+    return rank
+
+
+def check_weights(weights, T: int) -> list[float]:
+    if weights is None:
+        return [1.0] * T
+    vals = [float(w) for w in (weights.tolist() if torch.is_tensor(weights) else weights)]
+    if len(vals) != T:
+        raise ValueError(f"{len(vals)} weight{'s' if len(vals) != 1 else ''} for {T} adapter{'s' if T != 1 else ''}")
+    for v in vals:
+        if not math.isfinite(v):
+            raise ValueError(f"weights must be finite, got {v}")
+    return vals
+
+
+def resolve_dtype(dtype, adapters: list[Adapter]) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        out = None
+        for ad in adapters:
+            for s in ad.modules.values():
+                out = s.dtype if out is None else torch.promote_types(out, s.dtype)
+        return out
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in set(DTYPES.values()):
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def check_device(device) -> torch.device | None:
+    """The merge's device; one that this torch cannot use is bad input, not an internal error."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r} ({' '.join(str(e).split())[:200]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the merge runs on cpu or cuda")
+    return dev
+
+
+def output_format(output, format: str | None) -> str:
+    """``format`` checked against ``output``: None (or "auto") means kohya for a path ending in
+    ``.safetensors`` and a PEFT folder otherwise."""
+    suffix = None if output is None else Path(output).suffix.lower()
+    if format in (None, "auto"):
+        return "kohya" if suffix == ".safetensors" else "peft"
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
+    if output is not None:
+        if format == "kohya" and suffix != ".safetensors":
+            raise ValueError(f"{output}: a kohya LoRA is one file; give a path ending in .safetensors")
+        if format == "peft" and suffix == ".safetensors":
+            raise ValueError(f"{output}: a PEFT adapter is a folder; give a folder name, or write a kohya "
+                             "file (format kohya)")
+    return format
+
+
+def open_adapters(adapters: Sequence, problem: _Problems | None = None) -> tuple[list[Adapter], list, list[int]]:
+    """Open every adapter (headers and configs only). Returns the adapters that opened, where
+    each came from (a path, or None for one in memory) and their positions in ``adapters``."""
+    if isinstance(adapters, (str, os.PathLike, dict, tuple)) or not isinstance(adapters, Sequence):
+        raise ValueError("adapters must be a list of paths, state dicts or (state_dict, config) pairs")
+    if not adapters:
+        raise ValueError("no adapters to merge")
+    problem = problem or _Problems(True)
+    opened, sources, kept = [], [], []
+    for i, a in enumerate(adapters):
+        try:
+            ad = a if isinstance(a, Adapter) else open_adapter(a, label=f"adapter[{i}]")
+        except AdapterError as e:
+            problem(str(e), AdapterError)
+            continue
+        opened.append(ad)
+        sources.append(_source_path(ad))
+        kept.append(i)
+    return opened, sources, kept
+
+
+def _source_path(ad: Adapter) -> Path | None:
+    """The file or folder an adapter was read from (None when it is in memory)."""
+    path = getattr(ad.store, "path", None)
+    if path is None:
+        return None
+    return Path(path).parent if ad.format == "peft" else Path(path)
+
+
+def unify_names(adapters: list[Adapter], problem: _Problems) -> list[Adapter]:
+    """Adapters whose modules are named alike. kohya names are module paths with ``.`` replaced
+    by ``_`` behind a prefix (``lora_unet_``, ``lora_te_``); mixed with PEFT inputs, each kohya
+    module is renamed to the one PEFT module path it flattens to, and refused when it matches
+    none or several."""
+    peft_names = {n for a in adapters if a.format == "peft" for n in a.modules}
+    if not peft_names or all(a.format == "peft" for a in adapters):
+        return adapters
+    flat = {}
+    for n in peft_names:
+        flat.setdefault(n.replace(".", "_"), []).append(n)
+    out = []
+    for ad in adapters:
+        if ad.format != "kohya":
+            out.append(ad)
+            continue
+        renamed = {}
+        for k, spec in ad.modules.items():
+            hits = [p for f, ps in flat.items() for p in ps
+                    if k.endswith("_" + f) and k[: -len(f) - 1].startswith("lora")]
+            if len(hits) != 1:
+                why = "matches no module path" if not hits else f"matches several module paths ({', '.join(sorted(hits))})"
+                problem(f"{ad.label}: {spec.a_key}: kohya module {k} {why} of the PEFT inputs; adapters of "
+                        "different formats merge only when every kohya module maps to one PEFT module",
+                        AdapterError)
+                continue
+            renamed[hits[0]] = replace(spec, name=hits[0])
+        out.append(replace(ad, modules=renamed))
+    return out
+
+
+def plan_modules(adapters: list[Adapter], problem: _Problems | None = None) -> list[ModuleEntry]:
+    """The union of the adapters' modules, in natural order (``layers.2`` before ``layers.10``);
+    a module missing from an adapter has no entry for it (the adapter's update there is zero).
+    Adapters that disagree on a module's shape are a problem."""
+    problem = problem or _Problems(True)
+    entries: dict[str, ModuleEntry] = {}
+    for i, ad in enumerate(adapters):
+        for name, spec in ad.modules.items():
+            e = entries.get(name)
+            if e is None:
+                entries[name] = ModuleEntry(name, [(i, spec)])
+                continue
+            j, ref = e.specs[0]
+            if _describe(spec) != _describe(ref):
+                problem(f"{ad.label}: {spec.a_key}: module {name} is {_describe(spec)} here but "
+                        f"{_describe(ref)} in {adapters[j].label} ({ref.a_key}); adapters of one base "
+                        "model must agree", AdapterError)
+                continue
+            e.specs.append((i, spec))
+    return [entries[k] for k in sorted(entries, key=_natural_key)]
+
+
+def _natural_key(name: str):
+    parts = name.replace("_", ".").split(".")
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
+
+
+def _describe(spec: ModuleSpec) -> str:
+    """Kind and update shape ``[out, in(, *kernel)]`` of a module, for comparisons and messages."""
+    return f"{spec.kind} [{', '.join(map(str, (spec.out_features, *spec.a_shape[1:])))}]"
+
+
+def choose_ranks(entries: list[ModuleEntry], rank: int | str) -> list[str]:
+    """Set each module's merged rank: ``rank`` capped at ``min(m, n)`` (a rank-``min(m, n)``
+    LoRA already holds any update), or with ``rank="full"`` ``min(R, m, n)``, R the sum of its
+    adapters' ranks: every direction the inputs have, so ``sum`` is exact. Returns notes on
+    the capped modules."""
+    capped: dict[tuple, int] = {}
+    for e in entries:
+        s = e.first
+        cap = min(s.out_features, s.in_features)
+        if rank == FULL_RANK:
+            e.rank = min(e.stacked_rank, cap)
+        else:
+            e.rank = min(rank, cap)
+            if rank > cap:
+                key = (s.kind, s.out_features, s.in_features)
+                capped[key] = capped.get(key, 0) + 1
+    return [f"rank {rank} capped at min(m, n) = {min(m, n)} on {k} {kind} module{'s' if k != 1 else ''} "
+            f"of shape {m}x{n}" for (kind, m, n), k in capped.items()]
+
+
+def plan_groups(entries: list[ModuleEntry], max_bytes: int) -> list[list[ModuleEntry]]:
+    """Split the modules into groups of the same shape and merged rank whose factors (all
+    adapters) take at most ``max_bytes`` (a single module larger than that is a group of its own).
+
+    Each shape's modules are cut, in order, into as few groups as the budget allows, and those
+    groups are made as even as possible: 600 MB of one shape under a 256 MB budget becomes
+    three groups of about 200 MB, not 256 + 256 + 88, so the largest group (what sets the peak
+    memory) is as small as the group count allows."""
+    by_shape: dict[tuple, list[ModuleEntry]] = {}
+    for e in entries:
+        by_shape.setdefault((e.first.shape_key, e.rank), []).append(e)
+    groups = []
+    for members in by_shape.values():
+        sizes = [e.nbytes for e in members]
+        count = len(_fill(sizes, max_bytes))
+        # the smallest cap that still gives ``count`` groups (filling greedily up to a cap
+        # gives the fewest groups for that cap)
+        lo, hi = max(sizes), max(max_bytes, max(sizes))
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(_fill(sizes, mid)) <= count:
+                hi = mid
+            else:
+                lo = mid + 1
+        groups += [[members[i] for i in idx] for idx in _fill(sizes, lo)]
+    return groups
+
+
+def _fill(sizes: list[int], cap: int) -> list[list[int]]:
+    """Consecutive indices into groups, each group filled up to ``cap`` (a larger item alone)."""
+    out, cur, total = [], [], 0
+    for i, b in enumerate(sizes):
+        if cur and total + b > cap:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += b
+    out.append(cur)
+    return out
+
+
+def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta: float = 0.0,
+              scale: float = 1.0, stop: str = "energy", tol: float | None = None, max_iter: int = 1000,
+              device=None, dtype=None,
+              max_group_bytes: int = DEFAULT_GROUP_BYTES, output=None, format: str | None = None,
+              overwrite: bool = False, kohya_prefix: str = DEFAULT_PREFIX, strict: bool = True,
+              **rule_params) -> MergePlan:
+    """Plan a merge (see :func:`ctm_kernels.merge` for the arguments). With ``strict`` the first
+    problem raises ``ValueError`` naming the file and key; otherwise every problem found is in
+    ``plan.problems``."""
+    from .config import suggest
+    from .write import check_output
+
+    problem = _Problems(strict)
+
+    def checked(fn, *args, default=None):
+        try:
+            return fn(*args)
+        except ValueError as e:
+            problem(str(e))
+            return default
+
+    from ..rules import RULES
+
+    if isinstance(method, str) and method not in RULES:
+        problem(f"unknown merge method {method!r}{suggest(method, RULES)}; choose one of {', '.join(RULES)}")
+        params = {}
+    else:
+        params = checked(resolve_params, method, rule_params, default={})
+    rank = checked(check_rank, rank, default=1)
+    from ..engine import DEFAULT_TOL, check_solver
+
+    checked(check_solver, stop, tol, max_iter, beta)
+    tol = DEFAULT_TOL.get(stop, DEFAULT_TOL["energy"]) if tol is None else tol     # resolved: it decides the bytes
+    fmt = checked(output_format, output, format, default="peft")
+    if isinstance(max_group_bytes, bool) or not isinstance(max_group_bytes, int) or max_group_bytes < 1:
+        problem(f"max_group_bytes must be a positive integer, got {max_group_bytes!r}")
+        max_group_bytes = DEFAULT_GROUP_BYTES
+    opened, sources, kept = open_adapters(adapters, problem)
+    w = checked(check_weights, weights, len(adapters), default=[1.0] * len(adapters))
+    w = [w[i] for i in kept]                  # the weights of the adapters that opened
+    opened = unify_names(opened, problem)
+    entries = plan_modules(opened, problem)
+    if len(opened) > 1 and entries and not any(len(e.specs) > 1 for e in entries):
+        problem(f"no module is adapted by more than one of the {len(opened)} adapters (first modules: "
+                f"{', '.join(a.label + ': ' + next(iter(a.modules)) for a in opened[:2])}); adapters of "
+                "different base models, or module names that do not match, cannot be merged", AdapterError)
+    notes = choose_ranks(entries, rank)
+    cdtype = checked(resolve_dtype, dtype, opened)
+    dev = checked(check_device, device)
+    if output is not None and fmt == "peft":
+        # kohya inputs not renamed to PEFT module paths by unify_names
+        kohya_named = [a for a in opened if a.format == "kohya" and any("." not in n for n in a.modules)]
+        if kohya_named:
+            problem(f"{kohya_named[0].label}: kohya module names such as {next(iter(kohya_named[0].modules))} "
+                    "are flattened paths that a PEFT adapter cannot target; write a kohya file "
+                    "(an output ending in .safetensors)", AdapterError)
+    if fmt == "kohya":
+        owner: dict[str, str] = {}
+        for e in entries:
+            if e.first.kind == "embedding":
+                problem(f"{e.name}: embedding LoRA has no kohya representation; use the PEFT format")
+                continue
+            k = kohya_name(e.name, kohya_prefix)
+            if k in owner:
+                problem(f"modules {owner[k]} and {e.name} both map to the kohya name {k}")
+            owner[k] = e.name
+        for ad in opened:
+            for key in ad.passthrough:
+                problem(f"{ad.label}: {key}: full base weights (saved by PEFT with an embedding or lm_head "
+                        "LoRA) have no kohya representation; use the PEFT format")
+    if output is not None:
+        checked(check_output, Path(output), fmt, [s for s in sources if s is not None], overwrite)
+    plan = MergePlan(adapters=opened, weights=w, rank=rank, method=method, params=params, dtype=cdtype,
+                     device=dev, format=fmt, output=None if output is None else Path(output), overwrite=overwrite,
+                     kohya_prefix=kohya_prefix, max_group_bytes=max_group_bytes,
+                     engine=dict(beta=beta, scale=scale, stop=stop, tol=tol, max_iter=max_iter),
+                     modules=entries, problems=problem.found, notes=notes, sources=sources)
+    plan.groups = plan_groups(entries, max_group_bytes) if entries else []
+    k = 0
+    for g in plan.groups:
+        plan.firsts.append(k)
+        k += len(g)
+    return plan

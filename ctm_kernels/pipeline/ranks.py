@@ -1,0 +1,130 @@
+"""The processes of a merge: this one alone, or the ranks of a ``torch.distributed`` group.
+
+Everything the pipeline shares between ranks goes through :class:`Ranks` (which groups each
+rank merges, one object broadcast from rank 0, every rank's object gathered on all ranks)
+and :func:`relay` (an error on one rank raised on every rank); :class:`process_group` sets up
+the group for ``torchrun -m ctm_kernels``. No other module touches ``torch.distributed``.
+
+torch is imported only when a group is used, so the command line can import this module
+for :func:`launched_ranks` and still answer ``--help`` without torch.
+"""
+from __future__ import annotations
+
+import os
+
+
+class Ranks:
+    """This process alone (``world == 1``), or the current ``torch.distributed`` group."""
+
+    def __init__(self, dist=None):
+        self.dist = dist
+        self.world = dist.get_world_size() if dist is not None else 1
+        self.rank = dist.get_rank() if dist is not None else 0
+
+    @classmethod
+    def detect(cls, distributed) -> "Ranks":
+        """``distributed``: None uses an initialised group of more than one rank, False ignores
+        it, True requires it."""
+        if distributed is not None and not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
+        if distributed is False:
+            return cls()
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist) if dist.get_world_size() > 1 else cls()
+        if distributed:
+            raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                             "(torch.distributed.init_process_group, or launch with torchrun)")
+        return cls()
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, by rank, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def share(self, sizes: list[int]) -> list[int]:
+        """The groups (indices into ``sizes``, their bytes) this rank merges: largest groups
+        first, each to the rank with the fewest bytes so far (ties to the lower rank), each
+        rank's list in plan order. Deterministic, so every rank computes the same split."""
+        load = [0] * self.world
+        owned: list[list[int]] = [[] for _ in range(self.world)]
+        for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+            r = min(range(self.world), key=lambda r: (load[r], r))
+            owned[r].append(i)
+            load[r] += sizes[i]
+        return sorted(owned[self.rank])
+
+
+def failure(e: BaseException | None) -> tuple[str, str] | None:
+    """What other ranks need to re-raise an error: its kind and its one-line message."""
+    if e is None:
+        return None
+    if isinstance(e, ValueError):
+        return "value", str(e)
+    return "internal", f"{type(e).__name__}: {e}"
+
+
+def relay(failures: list, own: BaseException | None) -> None:
+    """Raise if any rank failed: this rank's own error, or else the first failed rank's."""
+    if own is not None:
+        raise own
+    for r, f in enumerate(failures):
+        if f is not None:
+            kind, msg = f
+            raise (ValueError if kind == "value" else RuntimeError)(f"rank {r}: {msg}")
+
+
+def launched_ranks() -> tuple[int, int]:
+    """``(rank, world size)`` set by torchrun (``(0, 1)`` otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+class process_group:
+    """Under torchrun (WORLD_SIZE > 1) and no process group yet: create one for the merge
+    (nccl for a CUDA merge, each rank on the GPU of its LOCAL_RANK; gloo otherwise) and destroy
+    it afterwards. Yields ``(rank, device)``."""
+
+    def __init__(self, device):
+        self.device = device
+        self.created = False
+
+    def __enter__(self):
+        rank, world = launched_ranks()
+        if world <= 1:
+            return 0, self.device
+        import torch
+        import torch.distributed as dist
+
+        from .plan import check_device
+
+        device = check_device(self.device)          # a missing CUDA fails here, before any rendezvous
+        if dist.is_initialized():
+            return dist.get_rank(), device
+        if device is not None and device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        self.created = True
+        return dist.get_rank(), device
+
+    def __exit__(self, *exc):
+        if self.created:
+            import torch.distributed as dist
+            dist.destroy_process_group()

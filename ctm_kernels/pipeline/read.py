@@ -1,0 +1,100 @@
+"""Stage 2, read: the factors of one module group at a time, the next group read ahead.
+
+A background thread reads the group after the one being merged and never more than one
+ahead, so the factors in memory are at most two groups' (the caller drops each group before
+asking for the next). The reads release the GIL (positioned file reads, torch conversions),
+so they overlap the merge's compute.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Iterator
+
+import torch
+
+from ..io.stream import Adapter, ReadStats
+from .plan import ModuleEntry
+
+Factors = list[list[tuple[int, torch.Tensor, torch.Tensor, float]]]
+
+
+def load_group(adapters: list[Adapter], group: list[ModuleEntry], dtype: torch.dtype | None,
+               stats: ReadStats | None = None) -> Factors:
+    """Factors of one group: per module, ``(adapter index, A [r, n], B [m, r], scale)`` for the
+    adapters that adapt it, checked finite and in ``dtype``. Each adapter's file is opened once
+    for the whole group."""
+    wanted: dict[int, list[str]] = {}
+    for e in group:
+        for i, s in e.specs:
+            wanted.setdefault(i, []).append(e.name)
+    loaded = {i: adapters[i].load(names, dtype, stats) for i, names in wanted.items()}
+    return [[(i, *loaded[i][e.name], s.scale) for i, s in e.specs] for e in group]
+
+
+_END = object()
+
+
+class GroupReader:
+    """Iterate ``(group index, factors, seconds waited)`` over ``order`` (group indices).
+
+    ``load_seconds`` sums the time of the loads (reads, finiteness checks, conversions);
+    ``stats`` the bytes and seconds of the reads alone."""
+
+    def __init__(self, adapters: list[Adapter], groups: list[list[ModuleEntry]], order: list[int],
+                 dtype: torch.dtype | None, ahead: bool = True):
+        self.adapters, self.groups, self.order, self.dtype, self.ahead = adapters, groups, order, dtype, ahead
+        self.stats = ReadStats()
+        self.load_seconds = 0.0
+
+    def _load(self, gi: int) -> Factors:
+        t0 = time.perf_counter()
+        factors = load_group(self.adapters, self.groups[gi], self.dtype, self.stats)
+        self.load_seconds += time.perf_counter() - t0      # only one thread loads
+        return factors
+
+    def __iter__(self) -> Iterator[tuple[int, Factors, float]]:
+        if not self.ahead:
+            for gi in self.order:
+                t0 = time.perf_counter()
+                data = self._load(gi)
+                yield gi, data, time.perf_counter() - t0
+                del data
+            return
+        ready: queue.Queue = queue.Queue()
+        slot = threading.Semaphore(1)       # taken by the reader per group, given back when the caller takes it
+        stop = threading.Event()
+
+        def reader():
+            try:
+                for gi in self.order:
+                    slot.acquire()
+                    if stop.is_set():
+                        return
+                    ready.put((gi, self._load(gi), None))
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                ready.put((None, None, e))
+                return
+            ready.put(_END)
+
+        thread = threading.Thread(target=reader, name="ctm-group-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = ready.get()
+                waited = time.perf_counter() - t0
+                if item is _END:
+                    return
+                gi, data, err = item
+                del item
+                if err is not None:
+                    raise err
+                slot.release()
+                yield gi, data, waited
+                del data
+        finally:
+            stop.set()
+            slot.release()
+            thread.join()
