@@ -13,10 +13,14 @@ For every case ``i`` in ``[start, start + count)``:
 
     python benchmarks/bench_hooi_agreement.py --count 3000          # results/hooi_agreement.json
     python benchmarks/bench_hooi_agreement.py --count 300 --energy --out /tmp/a.json
+    # in parts (one process each), then one result file:
+    python benchmarks/bench_hooi_agreement.py --start 1000 --count 1000 --energy --out /tmp/p1.json
+    python benchmarks/bench_hooi_agreement.py --combine /tmp/p0.json /tmp/p1.json /tmp/p2.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -69,6 +73,39 @@ def run_case(i: int, energy: bool) -> dict:
     return row
 
 
+def summarise(rows: list[dict], energy: bool, seconds: float) -> dict:
+    agree = sum(r["agree"] for r in rows)
+    summary = {"cases": len(rows), "agree": agree, "worst_diff": max(r["diff"] for r in rows),
+               "sweeps_accelerated": sum(r["sweeps_accelerated"] for r in rows),
+               "sweeps_plain": sum(r["sweeps_plain"] for r in rows), "seconds": seconds}
+    if energy:
+        for key in ("energy_rel_error", "objective_rel_error", "per_adapter_error", "update_distance"):
+            summary["max_" + key] = max(r[key] for r in rows)
+        summary["sweeps_default"] = sum(r["sweeps_default"] for r in rows)
+    return summary
+
+
+def report(summary: dict, energy: bool) -> None:
+    print(f"{summary['agree']} of {summary['cases']} sets agree (merged updates within {AGREE_RTOL:g}); worst "
+          f"{summary['worst_diff']:.2e}; sweeps accelerated / plain: {summary['sweeps_accelerated']} / "
+          f"{summary['sweeps_plain']}")
+    if energy:
+        print(f"default stop: energy kept within {summary['max_energy_rel_error']:.2e} (relative), per adapter within "
+              f"{summary['max_per_adapter_error']:.2e}, {summary['sweeps_default']} sweeps")
+
+
+def combine(paths: list[str], out: str | None) -> int:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for part in parts for r in part["cases"]]
+    energy = all(part["args"]["energy"] for part in parts)
+    summary = summarise(rows, energy, sum(part["summary"]["seconds"] for part in parts))
+    report(summary, energy)
+    parts_meta = [{k: part[k] for k in ("machine", "versions", "commit", "date", "args")} for part in parts]
+    path = write_json("hooi_agreement.json", {**header(), "parts": parts_meta, "summary": summary, "cases": rows}, out)
+    print("wrote", path)
+    return 0 if summary["agree"] == summary["cases"] else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--start", type=int, default=0)
@@ -76,7 +113,10 @@ def main(argv=None) -> int:
     p.add_argument("--energy", action="store_true", help="also check the default (energy) stop")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="merge the result files of parts into one")
     a = p.parse_args(argv)
+    if a.combine:
+        return combine(a.combine, a.out)
     torch.set_num_threads(a.threads)
     rows, t0 = [], time.perf_counter()
     for i in range(a.start, a.start + a.count):
@@ -88,22 +128,11 @@ def main(argv=None) -> int:
                   f"{row['objective_plain']:.12g}", flush=True)
         if (i - a.start + 1) % 250 == 0:
             print(f"{i - a.start + 1} cases, {sum(r['agree'] for r in rows)} agree", flush=True)
-    agree = sum(r["agree"] for r in rows)
-    summary = {"cases": len(rows), "agree": agree, "worst_diff": max(r["diff"] for r in rows),
-               "sweeps_accelerated": sum(r["sweeps_accelerated"] for r in rows),
-               "sweeps_plain": sum(r["sweeps_plain"] for r in rows), "seconds": time.perf_counter() - t0}
-    if a.energy:
-        for key in ("energy_rel_error", "objective_rel_error", "per_adapter_error", "update_distance"):
-            summary["max_" + key] = max(r[key] for r in rows)
-        summary["sweeps_default"] = sum(r["sweeps_default"] for r in rows)
-    print(f"{agree} of {len(rows)} sets agree (merged updates within {AGREE_RTOL:g}); worst {summary['worst_diff']:.2e}; "
-          f"sweeps accelerated / plain: {summary['sweeps_accelerated']} / {summary['sweeps_plain']}")
-    if a.energy:
-        print(f"default stop: energy kept within {summary['max_energy_rel_error']:.2e} (relative), per adapter within "
-              f"{summary['max_per_adapter_error']:.2e}, {summary['sweeps_default']} sweeps")
+    summary = summarise(rows, a.energy, time.perf_counter() - t0)
+    report(summary, a.energy)
     path = write_json("hooi_agreement.json", {**header(), "args": vars(a), "summary": summary, "cases": rows}, a.out)
     print("wrote", path)
-    return 0 if agree == len(rows) else 1
+    return 0 if summary["agree"] == len(rows) else 1
 
 
 if __name__ == "__main__":
