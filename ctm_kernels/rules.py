@@ -111,13 +111,20 @@ def rule_mean(C):
     return C.mean(1)
 
 
+def ties_keep_count(top_k: float, d: int) -> int:
+    """Entries TIES keeps per task out of ``d``: ``max(1, round(top_k * d))`` (Python's
+    ``round``, halves to even). The CtM paper's code keeps ``int(d * top_k) + 1`` (``top_k < 1``):
+    one entry more than this rule wherever ``top_k * d`` rounds down, the same elsewhere."""
+    return max(1, round(top_k * d))
+
+
 def _trim(C, top_k):
-    """Keep, per task, its ``k = max(1, round(top_k * d))`` entries of largest |value|.
+    """Keep, per task, its ``k = ties_keep_count(top_k, d)`` entries of largest |value|.
 
     Ties at the threshold are kept (so a task may keep more than k entries)."""
     L, T, p, q = C.shape
     d = p * q
-    k = max(1, round(top_k * d))
+    k = ties_keep_count(top_k, d)
     mag = C.abs().reshape(L, T, d)
     if k >= d:
         return C
@@ -194,6 +201,12 @@ def _polar(X):
     return U @ Vh
 
 
+def tsv_keep_count(d: int, T: int) -> int:
+    """Components TSV keeps per task: ``max(1, floor(d / T))`` (``d = min(p, q)``, r on CtM
+    coordinates)."""
+    return max(1, d // T)
+
+
 @register("tsv")
 def rule_tsv(C):
     """Task Singular Vectors merge (TSV-M, Gargiulo et al., 2025).
@@ -203,7 +216,7 @@ def rule_tsv(C):
     replace each concatenation by its polar factor (nearest orthonormal), recombine with the
     kept singular values: ``P_U diag(S) P_V^T``. On CtM coordinates ``min(p, q) = r``."""
     L, T, p, q = C.shape
-    k = max(1, min(p, q) // T)
+    k = tsv_keep_count(min(p, q), T)
     U, S, Vh = torch.linalg.svd(C, full_matrices=False)
     Uc = U[..., :k].permute(0, 2, 1, 3).reshape(L, p, T * k)           # [L, p, T k]
     Vc = Vh[..., :k, :].mT.permute(0, 2, 1, 3).reshape(L, q, T * k)     # [L, q, T k]
@@ -272,4 +285,4 @@ def describe() -> str:
 
 
 __all__ = ["RULES", "Rule", "Param", "apply_rule", "resolve_params", "register", "describe",
-           "DARE_LAYER_STRIDE"]
+           "DARE_LAYER_STRIDE", "ties_keep_count", "tsv_keep_count"]
