@@ -214,17 +214,29 @@ def rule_tsv(C):
     Per task: SVD ``C_t = U_t S_t V_t^T``, keep the top ``k = max(1, floor(min(p, q) / T))``
     components. Concatenate the kept left vectors ``[U_1k .. U_Tk]`` and right vectors,
     replace each concatenation by its polar factor (nearest orthonormal), recombine with the
-    kept singular values: ``P_U diag(S) P_V^T``. On CtM coordinates ``min(p, q) = r``."""
+    kept singular values: ``P_U diag(S) P_V^T``. On CtM coordinates ``min(p, q) = r``.
+    Kept components with a zero singular value are dropped before the polar factor."""
+    return tsv_merge(C, keep_null=False)
+
+
+def tsv_merge(C, *, keep_null: bool):
+    """TSV of ``C [L, T, p, q]`` -> ``[L, p, q]`` (see :func:`rule_tsv`).
+
+    ``keep_null=False`` (the rule): a kept component whose singular value is zero carries
+    arbitrary singular vectors, so it is dropped before the polar factor and a rank-deficient
+    task gives one well-defined result. ``keep_null=True`` is how the CtM paper's code merges
+    dense updates: with ``k = floor(min(m, n) / T)`` above a LoRA update's rank, the SVD
+    routine's null-space vectors enter the concatenations and bend the polar factors of the
+    live ones (the result then depends on which null-space basis the SVD routine returns)."""
     L, T, p, q = C.shape
     k = tsv_keep_count(min(p, q), T)
     U, S, Vh = torch.linalg.svd(C, full_matrices=False)
     Uc = U[..., :k].permute(0, 2, 1, 3).reshape(L, p, T * k)           # [L, p, T k]
     Vc = Vh[..., :k, :].mT.permute(0, 2, 1, 3).reshape(L, q, T * k)     # [L, q, T k]
     Sc = S[..., :k].reshape(L, T * k)
-    # components with a zero singular value carry arbitrary vectors: drop them before the
-    # polar factor so that rank-deficient tasks give a well-defined result
-    live = _nonzero_sv(S, (p, q))[..., :k].reshape(L, 1, T * k)
-    Uc, Vc = Uc * live, Vc * live
+    if not keep_null:
+        live = _nonzero_sv(S, (p, q))[..., :k].reshape(L, 1, T * k)
+        Uc, Vc = Uc * live, Vc * live
     return (_polar(Uc) * Sc[:, None, :]) @ _polar(Vc).mT
 
 
@@ -285,4 +297,4 @@ def describe() -> str:
 
 
 __all__ = ["RULES", "Rule", "Param", "apply_rule", "resolve_params", "register", "describe",
-           "DARE_LAYER_STRIDE", "ties_keep_count", "tsv_keep_count"]
+           "DARE_LAYER_STRIDE", "ties_keep_count", "tsv_keep_count", "tsv_merge"]
