@@ -287,6 +287,21 @@ def rule_iso_cts(C):
     return s[:, None, None] * ((_polar(Ucat) * keep[:, None, :]) @ _polar(Vcat).mT)
 
 
+def share_after_rule(C: torch.Tensor, merged: torch.Tensor, norms: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per adapter, the share of its update that survives in the merged update.
+
+    ``share_t = <dW_t, dW> / ||dW_t||_F^2`` with ``dW = scale * U merged V^T`` the merged
+    update: the component of ``dW`` along ``dW_t`` as a fraction of ``dW_t`` (1 when the merge
+    reproduces the adapter's direction at full strength, 0 when orthogonal to it, negative when
+    opposed). Computed exactly in coordinates, ``<C_t, scale * merged> / nu_t^2``, because
+    ``U`` and ``V`` are orthonormal; ``nu_t = ||dW_t||_F`` counts the part of ``dW_t`` outside
+    the subspace too. ``C [L, T, p, q]``, ``merged [L, p, q]``, ``norms [L, T]`` -> ``[L, T]``
+    (0 for a zero adapter)."""
+    inner = scale * (C * merged[:, None]).sum((-2, -1))
+    nu2 = norms.to(inner.dtype) ** 2
+    return torch.where(nu2 > 0, inner / torch.where(nu2 > 0, nu2, 1.0), torch.zeros_like(inner))
+
+
 def describe() -> str:
     """One paragraph per rule: name, parameters with defaults, semantics."""
     out = []
@@ -297,4 +312,4 @@ def describe() -> str:
 
 
 __all__ = ["RULES", "Rule", "Param", "apply_rule", "resolve_params", "register", "describe",
-           "DARE_LAYER_STRIDE", "ties_keep_count", "tsv_keep_count", "tsv_merge"]
+           "DARE_LAYER_STRIDE", "ties_keep_count", "tsv_keep_count", "tsv_merge", "share_after_rule"]
