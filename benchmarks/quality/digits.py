@@ -138,10 +138,12 @@ def _param_grid(cfg: RunConfig, method: str, rule: str, seed) -> list[tuple]:
     return grid
 
 
-def run(zoo: Zoo, data: Digits, cfg: RunConfig, log=print) -> dict:
-    """Merge the zoo with every (rank, method, rule) of ``cfg``; returns the results (JSON-ready)."""
+def run(zoo: Zoo, data: Digits | None, cfg: RunConfig, log=print, evaluator=None) -> dict:
+    """Merge the zoo with every (rank, method, rule) of ``cfg``; returns the results (JSON-ready).
+    ``evaluator``: another zoo's evaluator with the interface of :class:`Evaluator` (its zoo
+    has ``config.lora_layers`` and adapters with ``task``, ``A``, ``B``, ``scaling``)."""
     t_start = time.perf_counter()
-    ev = Evaluator(zoo, data)
+    ev = Evaluator(zoo, data) if evaluator is None else evaluator
     layers = layer_factors(zoo)
     merger = Merger(layers, tol=cfg.tol, max_iter=cfg.max_iter)
     names = [a.task for a in zoo.adapters]
