@@ -68,3 +68,18 @@ def test_spectrum_stats_known_answer():
     s = tables.spectrum_stats([layer])
     assert s["directions_90_mean"] == 1 and s["first_share_max"] == 1.0
     assert s["first_share_mean"] == pytest.approx((0.9 + 1.0) / 2) and s["overlap_mean_abs_cos"] == 0.0
+
+
+def test_tables_quick_command(tmp_path):
+    """The one command that regenerates both zoos' tables, in its quick mode (committed zoos)."""
+    import json
+    summaries = tables.main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "quality_tables_quick.json").read_text())
+    assert [s["zoo"] for s in payload["summaries"]] == ["digits", "seq"] == [s["zoo"] for s in summaries]
+    for s in summaries:
+        assert {(r["rule"], r["method"]) for r in s["rows"]} == {
+            (rule, m) for rule in ("sum", "ties") for m in tables.METHODS}
+        assert all(0 <= w["ctm_beats_mtc_on"] <= 1 for w in s["wins"])
+    seq = summaries[1]["spectrum"][0]
+    assert seq["adapter_rank"] == 16 and seq["directions_90_mean"] <= 16
+    assert "seq zoo" in (tmp_path / "quality_tables_quick.md").read_text()

@@ -37,8 +37,10 @@ from .zoo import ZOO_DIR, ZooConfig, load_zoo, train_zoo
 RULES = ("sum", "ties", "dare_ties", "tsv", "iso_c")
 METHODS = ("ctm", "mtc", "core_mtc", "full")
 SEEDS = (0, 1, 2)
-FULL = digits.RunConfig(ranks=(16, 32), methods=METHODS, rules=RULES, top_ks=(0.1, 0.2, 0.3, 0.5, 1.0),
-                        dare_ps=(0.5,), dare_seeds=(0,), replicates=0)
+# grids a factor 2 coarser than digits.py's (lambda 1/8..8 in factors of 2, three top_k): the
+# sequence zoo's evaluation is the cost, and the grids are the same for every method
+FULL = digits.RunConfig(ranks=(16, 32), methods=METHODS, rules=RULES, lambdas=tuple(2.0 ** k for k in range(-3, 4)),
+                        top_ks=(0.1, 0.3, 1.0), dare_ps=(0.5,), dare_seeds=(0,), replicates=0)
 QUICK = replace(FULL, ranks=(16,), rules=("sum", "ties"), top_ks=(0.2, 1.0), lambdas=(0.25, 0.5, 1.0, 2.0))
 PAPER = replace(digits.PAPER, ranks=(16, 32), methods=METHODS, rules=RULES, dare_ps=(0.3, 0.5, 0.7), replicates=0)
 
