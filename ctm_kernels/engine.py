@@ -45,7 +45,7 @@ from .reference import (DEFAULT_TOL, ENERGY_WINDOW, NULL_RTOL, STOP_TESTS, canon
 from .reference import balanced_factors as ref_balanced_factors
 from .reference import dense_updates as ref_dense_updates
 from .reference import tucker2 as ref_tucker2
-from .rules import apply_rule, resolve_params
+from .rules import apply_rule, resolve_params, share_after_rule
 
 SOLVE_DTYPE = torch.float64
 # Gram eigenvalues below this share of the largest are dropped when whitening: they are
@@ -105,6 +105,9 @@ class MergedLayer:
     info: LayerInfo
     method: str = ""
     params: dict = field(default_factory=dict)
+    # per adapter: <dW_t, B A> / ||dW_t||^2, the share of its update the merged one keeps
+    # (after the rule and the scale; ``info.energy_kept`` is the share inside the subspace)
+    share_after_rule: list[float] = field(default_factory=list)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -807,11 +810,14 @@ class GroupPlan:
         sel = slice(None) if only is None else only
         infos = self.infos[sel]
         Cm = apply_rule(method, self.C[sel], layer_ids=self.layer_ids[sel], **params)   # [L, r, r]
+        norms = torch.tensor([info.norms for info in infos], dtype=Cm.dtype, device=Cm.device)
+        shares = share_after_rule(self.C[sel], Cm, norms, float(scale)).tolist()          # [L][T]
         if self._dense_bases is not None:
             out = []
             for l, (U, V) in enumerate(self._dense_bases[sel]):
                 Bo, Ao = ref_balanced_factors(U, Cm[l], V, float(scale))
-                out.append(MergedLayer(Ao.to(self.out_dtype), Bo.to(self.out_dtype), infos[l], method, params))
+                out.append(MergedLayer(Ao.to(self.out_dtype), Bo.to(self.out_dtype), infos[l], method, params,
+                                       shares[l]))
             return out
         X, S, Yh = torch.linalg.svd(Cm)
         root = S.sqrt()
@@ -825,7 +831,7 @@ class GroupPlan:
                                                        backend=self.backend), len(left))
         Bo, Ao = canonical_signs(Bo, Ao)
         Bo, Ao = Bo.to(self.out_dtype), Ao.to(self.out_dtype)
-        return [MergedLayer(Ao[l], Bo[l], infos[l], method, params) for l in range(len(infos))]
+        return [MergedLayer(Ao[l], Bo[l], infos[l], method, params, shares[l]) for l in range(len(infos))]
 
 
 class Plan:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rules import apply_rule
+from .rules import apply_rule, tsv_merge
 
 NULL_RTOL = 1e-12  # eigenvalues below NULL_RTOL * largest span no direction of the adapters
 
@@ -176,9 +176,28 @@ def ctm(dWs: torch.Tensor, rank: int, method: str = "ties", *, beta: float = 0.0
     return ReferenceResult(B @ A, B, A, tk.U, tk.V, C, tk.iterations, tk.converged, tk.stopped_by)
 
 
+# Baselines whose spectrum step follows the CtM paper's code rather than the plain rule:
+#   tsv    the dense TSV keeps the SVD routine's null-space vectors in its concatenations
+#          (``rules.tsv_merge(keep_null=True)``); on LoRA updates, whose rank is below
+#          k = floor(min(m, n) / T), they change the polar factors (on the digits zoo the
+#          merged updates differ from the variant below by a relative 0.79 on fc2, 0.72 on fc3);
+#   iso_c  MtC and core-space MtC sum, truncate to the rank, then flatten those singular values
+#          (``truncate_isotropic``); flattening first would pick the rank's directions among
+#          many of equal singular value, i.e. arbitrarily (rank 8 on the digits zoo: the two
+#          orders differ by a relative 1.0).
+# ``tsv_nonnull`` keeps the rule's own TSV in the dense space (null-space components dropped):
+# its answer does not depend on the SVD routine's choice of null-space basis.
+BASELINE_ONLY = ("tsv_nonnull",)
+
+
 def full_merge(dWs: torch.Tensor, method: str = "ties", *, scale: float = 1.0, **rule_params) -> torch.Tensor:
     """Full-parameter merging: the rule entry-wise on the dense updates ``[T, m, n]`` -> ``[m, n]``
-    (no rank limit: the quality ceiling and the slow baseline)."""
+    (no rank limit: the quality ceiling and the slow baseline). ``tsv`` keeps null-space vectors
+    as the CtM paper's code does; ``tsv_nonnull`` is the rule's own TSV (see above)."""
+    if method == "tsv":
+        return scale * tsv_merge(dWs[None], keep_null=True)[0]
+    if method == "tsv_nonnull":
+        return scale * apply_rule("tsv", dWs[None])[0]
     return scale * apply_rule(method, dWs[None], **rule_params)[0]
 
 
@@ -189,10 +208,27 @@ def truncate(M: torch.Tensor, rank: int):
     return canonical_signs(U[:, :rank] * root, root[:, None] * Vh[:rank])
 
 
+def truncate_isotropic(M: torch.Tensor, rank: int):
+    """Iso-C after truncation: the top-``rank`` singular pairs of ``M [m, n]``, their nonzero
+    singular values all set to the mean of those -> (B ``[m, r]``, A ``[r, n]``)."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    S = S[:rank]
+    live = S > S[:1] * max(M.shape) * torch.finfo(S.dtype).eps
+    root = torch.where(live, S[live].mean() if live.any() else 0.0, 0.0).sqrt()
+    return canonical_signs(U[:, :rank] * root, root[:, None] * Vh[:rank])
+
+
+def _merge_and_truncate(dWs, rank, method, scale, rule_params):
+    if method == "iso_c":
+        return truncate_isotropic(full_merge(dWs, "sum", scale=scale), rank)
+    return truncate(full_merge(dWs, method, scale=scale, **rule_params), rank)
+
+
 def mtc(dWs: torch.Tensor, rank: int, method: str = "ties", *, scale: float = 1.0, **rule_params):
     """Merge-then-Compress (PEFT ``*_svd``, kohya ``svd_merge_lora``): full-parameter merge,
-    then truncated SVD to ``rank`` -> (B ``[m, r]``, A ``[r, n]``)."""
-    return truncate(full_merge(dWs, method, scale=scale, **rule_params), rank)
+    then truncated SVD to ``rank`` -> (B ``[m, r]``, A ``[r, n]``). ``iso_c``: sum, truncate,
+    then flatten the kept singular values (DESIGN section 5)."""
+    return _merge_and_truncate(dWs, rank, method, scale, rule_params)
 
 
 def core_bases(A, B, scales=None, weights=None):
@@ -216,7 +252,8 @@ def core_mtc(A, B, rank: int, method: str = "ties", *, scales=None, weights=None
              **rule_params):
     """Core-space Merge-then-Compress: project every adapter onto the core space of the stacked
     factors (``M_t = Ub^T dW_t Va``, at most ``R x R``), merge there with the rule, truncate the
-    merged core to ``rank`` and lift -> (B ``[m, r]``, A ``[r, n]``)."""
+    merged core to ``rank`` and lift -> (B ``[m, r]``, A ``[r, n]``). ``iso_c`` and ``tsv`` as
+    in :func:`mtc` (the paper's code merges its core space the same way)."""
     T = len(A)
     s = [1.0] * T if scales is None else list(scales)
     w = [1.0] * T if weights is None else list(weights)
@@ -224,5 +261,5 @@ def core_mtc(A, B, rank: int, method: str = "ties", *, scales=None, weights=None
     # the dense [T, kb, ka] core tensor, built from the factors (never from m x n updates)
     core = torch.stack([float(s[t]) * float(w[t]) * (Ub.mT @ B[t].double()) @ (A[t].double() @ Va)
                         for t in range(T)])
-    Bc, Ac = truncate(full_merge(core, method, scale=scale, **rule_params), rank)
+    Bc, Ac = _merge_and_truncate(core, rank, method, scale, rule_params)
     return canonical_signs(Ub @ Bc, Ac @ Va.mT)

@@ -111,13 +111,20 @@ def rule_mean(C):
     return C.mean(1)
 
 
+def ties_keep_count(top_k: float, d: int) -> int:
+    """Entries TIES keeps per task out of ``d``: ``max(1, round(top_k * d))`` (Python's
+    ``round``, halves to even). The CtM paper's code keeps ``int(d * top_k) + 1`` (``top_k < 1``):
+    one entry more than this rule wherever ``top_k * d`` rounds down, the same elsewhere."""
+    return max(1, round(top_k * d))
+
+
 def _trim(C, top_k):
-    """Keep, per task, its ``k = max(1, round(top_k * d))`` entries of largest |value|.
+    """Keep, per task, its ``k = ties_keep_count(top_k, d)`` entries of largest |value|.
 
     Ties at the threshold are kept (so a task may keep more than k entries)."""
     L, T, p, q = C.shape
     d = p * q
-    k = max(1, round(top_k * d))
+    k = ties_keep_count(top_k, d)
     mag = C.abs().reshape(L, T, d)
     if k >= d:
         return C
@@ -194,6 +201,12 @@ def _polar(X):
     return U @ Vh
 
 
+def tsv_keep_count(d: int, T: int) -> int:
+    """Components TSV keeps per task: ``max(1, floor(d / T))`` (``d = min(p, q)``, r on CtM
+    coordinates)."""
+    return max(1, d // T)
+
+
 @register("tsv")
 def rule_tsv(C):
     """Task Singular Vectors merge (TSV-M, Gargiulo et al., 2025).
@@ -201,17 +214,29 @@ def rule_tsv(C):
     Per task: SVD ``C_t = U_t S_t V_t^T``, keep the top ``k = max(1, floor(min(p, q) / T))``
     components. Concatenate the kept left vectors ``[U_1k .. U_Tk]`` and right vectors,
     replace each concatenation by its polar factor (nearest orthonormal), recombine with the
-    kept singular values: ``P_U diag(S) P_V^T``. On CtM coordinates ``min(p, q) = r``."""
+    kept singular values: ``P_U diag(S) P_V^T``. On CtM coordinates ``min(p, q) = r``.
+    Kept components with a zero singular value are dropped before the polar factor."""
+    return tsv_merge(C, keep_null=False)
+
+
+def tsv_merge(C, *, keep_null: bool):
+    """TSV of ``C [L, T, p, q]`` -> ``[L, p, q]`` (see :func:`rule_tsv`).
+
+    ``keep_null=False`` (the rule): a kept component whose singular value is zero carries
+    arbitrary singular vectors, so it is dropped before the polar factor and a rank-deficient
+    task gives one well-defined result. ``keep_null=True`` is how the CtM paper's code merges
+    dense updates: with ``k = floor(min(m, n) / T)`` above a LoRA update's rank, the SVD
+    routine's null-space vectors enter the concatenations and bend the polar factors of the
+    live ones (the result then depends on which null-space basis the SVD routine returns)."""
     L, T, p, q = C.shape
-    k = max(1, min(p, q) // T)
+    k = tsv_keep_count(min(p, q), T)
     U, S, Vh = torch.linalg.svd(C, full_matrices=False)
     Uc = U[..., :k].permute(0, 2, 1, 3).reshape(L, p, T * k)           # [L, p, T k]
     Vc = Vh[..., :k, :].mT.permute(0, 2, 1, 3).reshape(L, q, T * k)     # [L, q, T k]
     Sc = S[..., :k].reshape(L, T * k)
-    # components with a zero singular value carry arbitrary vectors: drop them before the
-    # polar factor so that rank-deficient tasks give a well-defined result
-    live = _nonzero_sv(S, (p, q))[..., :k].reshape(L, 1, T * k)
-    Uc, Vc = Uc * live, Vc * live
+    if not keep_null:
+        live = _nonzero_sv(S, (p, q))[..., :k].reshape(L, 1, T * k)
+        Uc, Vc = Uc * live, Vc * live
     return (_polar(Uc) * Sc[:, None, :]) @ _polar(Vc).mT
 
 
@@ -262,6 +287,21 @@ def rule_iso_cts(C):
     return s[:, None, None] * ((_polar(Ucat) * keep[:, None, :]) @ _polar(Vcat).mT)
 
 
+def share_after_rule(C: torch.Tensor, merged: torch.Tensor, norms: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per adapter, the share of its update that survives in the merged update.
+
+    ``share_t = <dW_t, dW> / ||dW_t||_F^2`` with ``dW = scale * U merged V^T`` the merged
+    update: the component of ``dW`` along ``dW_t`` as a fraction of ``dW_t`` (1 when the merge
+    reproduces the adapter's direction at full strength, 0 when orthogonal to it, negative when
+    opposed). Computed exactly in coordinates, ``<C_t, scale * merged> / nu_t^2``, because
+    ``U`` and ``V`` are orthonormal; ``nu_t = ||dW_t||_F`` counts the part of ``dW_t`` outside
+    the subspace too. ``C [L, T, p, q]``, ``merged [L, p, q]``, ``norms [L, T]`` -> ``[L, T]``
+    (0 for a zero adapter)."""
+    inner = scale * (C * merged[:, None]).sum((-2, -1))
+    nu2 = norms.to(inner.dtype) ** 2
+    return torch.where(nu2 > 0, inner / torch.where(nu2 > 0, nu2, 1.0), torch.zeros_like(inner))
+
+
 def describe() -> str:
     """One paragraph per rule: name, parameters with defaults, semantics."""
     out = []
@@ -272,4 +312,4 @@ def describe() -> str:
 
 
 __all__ = ["RULES", "Rule", "Param", "apply_rule", "resolve_params", "register", "describe",
-           "DARE_LAYER_STRIDE"]
+           "DARE_LAYER_STRIDE", "ties_keep_count", "tsv_keep_count", "tsv_merge", "share_after_rule"]

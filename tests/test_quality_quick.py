@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+import ctm_kernels
 from benchmarks.quality import digits, synthetic
 from benchmarks.quality.merging import Merger
 from benchmarks.quality.tasks import Digits
@@ -139,3 +140,63 @@ def test_synthetic_energy_and_exactness():
     assert get("ctm", "sum", 18)["function_error"] == pytest.approx(get("full", "sum", None)["function_error"],
                                                                     abs=1e-6)
     assert get("mtc", "sum", 4)["function_error"] > get("full", "sum", None)["function_error"]
+
+
+TINY_PAPER = digits.RunConfig(ranks=(4,), methods=("ctm", "mtc"), rules=("sum", "dare_ties"),
+                              lambdas=(0.0, 0.5, 1.0, 1.5), top_ks=(0.3, 1.0), dare_ps=(0.3, 0.6), dare_seeds=(0,),
+                              betas=(0.0, 0.5), replicates=0, protocol="paper")
+
+
+def test_paper_protocol_searches_every_parameter_and_solves_each_subspace_once(zoo, data, monkeypatch):
+    solved = []
+    original = ctm_kernels.prepare_layers
+
+    def counting(*args, **kwargs):
+        solved.append((kwargs["rank"], kwargs["beta"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ctm_kernels, "prepare_layers", counting)
+    out = digits.run(zoo, data, TINY_PAPER, log=lambda *a: None)
+    # one solve per (rank, beta), however many rules, top_k, p and lambdas use it
+    assert sorted(solved) == [(4, 0.0), (4, 0.5)]
+    grid = digits._param_grid(TINY_PAPER, "ctm", "dare_ties", 0)
+    assert len(grid) == 2 * 2 * 2 and dict(grid[-1]) == {"beta": 0.5, "p": 0.6, "top_k": 1.0}
+    assert digits._param_grid(TINY_PAPER, "mtc", "sum", None) == [()]
+    for row in out["results"]:
+        chosen = row["chosen"][0]
+        assert chosen["lambda"] in TINY_PAPER.lambdas
+        if row["method"] == "ctm":
+            assert chosen["beta"] in TINY_PAPER.betas
+        if row["rule"] == "dare_ties":
+            assert chosen["p"] in TINY_PAPER.dare_ps and chosen["top_k"] in TINY_PAPER.top_ks
+
+
+def test_paper_search_picks_the_best_validation_score(zoo, data):
+    """_search's choice against a brute-force evaluation of every (params, lambda) pair through
+    the plain forward pass."""
+    ev = digits.Evaluator(zoo, data)
+    merger = Merger(digits.layer_factors(zoo))
+    grid = digits._param_grid(TINY_PAPER, "ctm", "sum", None)
+    merged = {key: merger.merge("ctm", "sum", 4, **dict(key)) for key in grid}
+    got = digits._search(ev, merged, TINY_PAPER.lambdas)
+    scores = {}
+    for key, Ms in merged.items():
+        for lam in TINY_PAPER.lambdas:
+            deltas = {n: (lam * M).float() for n, M in zip(zoo.config.lora_layers, Ms)}
+            scores[key, lam] = sum(ev.normalised(ev.accuracies(deltas, "val"), "val")) / 3
+    best = max(scores.values())
+    assert got["val_norm_avg"] == pytest.approx(best, abs=1e-9)
+    assert scores[(("beta", got["beta"]),), got["lambda"]] == pytest.approx(best, abs=1e-9)
+
+
+def test_synthetic_grid_error_picks_the_least_validation_error():
+    g = torch.Generator().manual_seed(0)
+    dW = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    M = dW.sum(0) + 0.1 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    xv, xt = torch.randn(5, 40, generator=g, dtype=torch.float64), torch.randn(5, 40, generator=g, dtype=torch.float64)
+    lambdas = (0.0, 0.2, 0.35, 0.5, 1.0)
+    val, test, lam = synthetic.grid_error(M, dW, xv, xt, lambdas)
+    per = {l: float(((l * (M @ xv) - dW @ xv).norm(dim=-2) / (dW @ xv).norm(dim=-2)).mean()) for l in lambdas}
+    assert lam == min(per, key=per.get) and val == pytest.approx(per[lam], rel=1e-12)
+    assert test == pytest.approx(float(((lam * (M @ xt) - dW @ xt).norm(dim=-2) / (dW @ xt).norm(dim=-2)).mean()),
+                                 rel=1e-12)

@@ -7,6 +7,9 @@ every rule in CtM, MtC, core-space MtC and full-parameter merging, chooses the s
 method, and reports test accuracy normalised by each adapter's own accuracy
 (merged / individual x 100), per task and on average, as the tables of the CtM paper do.
 Writes ``benchmarks/results/quality_digits.{json,md}`` (``--quick``: ``quality_digits_quick.*``).
+``--protocol paper`` searches as the CtM paper does (CtM's beta in {0, 0.25, 0.5, 0.75}, lambda
+on 0..2 in steps of 0.025, top-K and the DARE drop rate; every CtM subspace solved once per
+(rank, beta)) and writes ``quality_digits_paper[_quick].*``.
 
 Every task keeps its own head (trained with its adapter); only the backbone updates merge.
 """
@@ -41,8 +44,11 @@ class RunConfig:
     # mean-like ones (TIES, Iso: lambda ~ 1..T)
     lambdas: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-6, 7))
     top_ks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-    dare_p: float = 0.5
+    dare_ps: tuple[float, ...] = (0.5,)
     dare_seeds: tuple[int, ...] = (0, 1, 2)
+    # beta of method "ctm", searched on validation with the other parameters ("ctm_b1" is beta 1)
+    betas: tuple[float, ...] = (0.0,)
+    protocol: str = "project"
     tol: float = 1e-4
     max_iter: int = 1000
     # zoos retrained with other seeds, on which the CtM-vs-MtC comparison is repeated
@@ -52,8 +58,19 @@ class RunConfig:
 QUICK = RunConfig(ranks=(8,), methods=("ctm", "mtc", "core_mtc", "full"),
                   rules=("sum", "ties", "dare_ties", "tsv", "iso_c"),
                   lambdas=(0.25, 0.5, 1.0, 2.0, 4.0), top_ks=(0.1, 0.3, 1.0), dare_seeds=(0,), replicates=0)
+# The CtM paper's protocol: beta searched for CtM, the scale on 0..2 in steps of 0.025, top-K
+# 5-100% and the DARE drop rate searched, all on validation. Its TIES keeps int(K d) + 1
+# entries per task where this project keeps max(1, round(K d)) (rules.ties_keep_count): at the
+# digits zoo's sizes (d = r^2 >= 64 or m n) that is at most one entry in 64.
+PAPER = RunConfig(ranks=(8, 16), methods=("ctm", "mtc", "core_mtc", "full"), rules=ALL_RULES,
+                  lambdas=tuple(round(0.025 * k, 3) for k in range(81)),
+                  top_ks=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), dare_ps=(0.1, 0.3, 0.5, 0.7), dare_seeds=(0,),
+                  betas=(0.0, 0.25, 0.5, 0.75),
+                  replicates=2, protocol="paper")
+PAPER_QUICK = RunConfig(**{**asdict(PAPER), "ranks": (8,), "rules": ("sum", "ties"), "top_ks": (0.1, 0.3, 1.0),
+                            "dare_ps": (0.5,), "betas": (0.0, 0.5)})
 CLAIM_RULES = ("ties", "dare_ties")
-CLAIM_METHODS = ("ctm", "ctm_b1", "mtc")
+CLAIM_METHODS = ("ctm", "ctm_b1", "mtc", "core_mtc")
 
 
 def layer_factors(zoo: Zoo) -> list[LayerFactors]:
@@ -77,26 +94,56 @@ class Evaluator:
     def normalised(self, accs: list[float], part: str) -> list[float]:
         return [100.0 * acc / ind for acc, ind in zip(accs, self.individual[part])]
 
+    def val_scores(self, updates: dict[str, torch.Tensor], lambdas) -> list[float]:
+        """Mean normalised validation accuracy of ``lam * updates`` for every ``lam``."""
+        total = [0.0] * len(lambdas)
+        for a, split, ind in zip(self.zoo.adapters, self.splits["val"], self.individual["val"]):
+            with torch.no_grad():
+                feats = self.zoo.backbone.features_over_scales(split.x, updates, lambdas)
+                for i, f in enumerate(feats):
+                    logits = torch.nn.functional.linear(f, a.head_weight, a.head_bias)
+                    total[i] += 100.0 * (100.0 * (logits.argmax(1) == split.y).float().mean().item()) / ind
+        return [t / len(self.zoo.adapters) for t in total]
+
 
 def _search(ev: Evaluator, merged_by_param: dict, lambdas) -> dict:
-    """Best ``(param, lambda)`` on validation (mean normalised accuracy; the first best wins,
-    params and lambdas in grid order), then its test accuracies."""
+    """Best ``(params, lambda)`` on validation (mean normalised accuracy; the first best wins,
+    params and lambdas in grid order), then its test accuracies. ``merged_by_param`` maps a
+    tuple of ``(name, value)`` pairs to the per-layer merged updates."""
     best = None
+    layers = ev.zoo.config.lora_layers
     for key, merged in merged_by_param.items():
-        for lam in lambdas:
-            deltas = {name: (lam * M).float() for name, M in zip(ev.zoo.config.lora_layers, merged)}
-            score = sum(ev.normalised(ev.accuracies(deltas, "val"), "val")) / len(ev.zoo.adapters)
+        updates = {name: M.float() for name, M in zip(layers, merged)}
+        for lam, score in zip(lambdas, ev.val_scores(updates, lambdas)):
             if best is None or score > best[0]:
-                best = (score, key, lam, deltas)
-    score, key, lam, deltas = best
-    test = ev.accuracies(deltas, "test")
-    return {"top_k": key, "lambda": lam, "val_norm_avg": score, "test_acc": test, "test_norm": ev.normalised(test, "test")}
+                best = (score, key, lam, updates)
+    score, key, lam, updates = best
+    test = ev.accuracies({name: lam * M for name, M in updates.items()}, "test")
+    return {**dict(key), "lambda": lam, "val_norm_avg": score, "test_acc": test,
+            "test_norm": ev.normalised(test, "test")}
 
 
-def run(zoo: Zoo, data: Digits, cfg: RunConfig, log=print) -> dict:
-    """Merge the zoo with every (rank, method, rule) of ``cfg``; returns the results (JSON-ready)."""
+def _param_grid(cfg: RunConfig, method: str, rule: str, seed) -> list[tuple]:
+    """Every parameter combination searched for ``(method, rule)``, as tuples of pairs."""
+    axes = []
+    if method == "ctm":
+        axes.append([("beta", b) for b in cfg.betas])
+    if seed is not None:
+        axes.append([("p", p) for p in cfg.dare_ps])
+    if rule in TOP_K_RULES:
+        axes.append([("top_k", k) for k in cfg.top_ks])
+    grid = [()]
+    for axis in axes:
+        grid = [g + (a,) for g in grid for a in axis]
+    return grid
+
+
+def run(zoo: Zoo, data: Digits | None, cfg: RunConfig, log=print, evaluator=None) -> dict:
+    """Merge the zoo with every (rank, method, rule) of ``cfg``; returns the results (JSON-ready).
+    ``evaluator``: another zoo's evaluator with the interface of :class:`Evaluator` (its zoo
+    has ``config.lora_layers`` and adapters with ``task``, ``A``, ``B``, ``scaling``)."""
     t_start = time.perf_counter()
-    ev = Evaluator(zoo, data)
+    ev = Evaluator(zoo, data) if evaluator is None else evaluator
     layers = layer_factors(zoo)
     merger = Merger(layers, tol=cfg.tol, max_iter=cfg.max_iter)
     names = [a.task for a in zoo.adapters]
@@ -118,10 +165,9 @@ def run(zoo: Zoo, data: Digits, cfg: RunConfig, log=print) -> dict:
                 seeds = cfg.dare_seeds if rule in SEEDED_RULES else (None,)
                 per_seed = []
                 for seed in seeds:
-                    params = {"p": cfg.dare_p, "seed": seed} if seed is not None else {}
-                    grid = cfg.top_ks if rule in TOP_K_RULES else (None,)
-                    merged = {k: merger.merge(method, rule, r, **params, **({"top_k": k} if k else {}))
-                              for k in grid}
+                    fixed = {"seed": seed} if seed is not None else {}
+                    merged = {key: merger.merge(method, rule, r, **fixed, **dict(key))
+                              for key in _param_grid(cfg, method, rule, seed)}
                     per_seed.append({"seed": seed, **_search(ev, merged, cfg.lambdas)})
                 test_norm = [sum(s["test_norm"][i] for s in per_seed) / len(per_seed) for i in range(len(names))]
                 test_acc = [sum(s["test_acc"][i] for s in per_seed) / len(per_seed) for i in range(len(names))]
@@ -129,9 +175,9 @@ def run(zoo: Zoo, data: Digits, cfg: RunConfig, log=print) -> dict:
                        "test_norm_avg": sum(test_norm) / len(test_norm), "chosen": per_seed,
                        "seconds": time.perf_counter() - t0}
                 out["results"].append(row)
+                chosen = [{k: v for k, v in s.items() if k in ("beta", "p", "top_k", "lambda")} for s in per_seed]
                 log(f"  rank {str(r):4s} {method:8s} {rule:9s} norm. acc {row['test_norm_avg']:6.1f}  "
-                    f"(lambda {[round(s['lambda'], 3) for s in per_seed]}, top_k {[s['top_k'] for s in per_seed]}, "
-                    f"{row['seconds']:.1f} s)")
+                    f"(chosen {chosen}, {row['seconds']:.1f} s)")
     out["subspaces"] = subspace_diagnostics(zoo, merger, cfg)
     out["seconds"] = time.perf_counter() - t_start
     return out
@@ -188,6 +234,10 @@ def claims(outs: list[dict]) -> list[dict]:
             diff = [c - m for c, m in zip(row["ctm"], row["mtc"])]
             row |= {"ctm_minus_mtc": diff, "ctm_minus_mtc_mean": sum(diff) / len(diff),
                     "ctm_beats_mtc_on": sum(d > 0 for d in diff), "zoos": len(diff)}
+            if "core_mtc" in row:
+                core = [c - m for c, m in zip(row["ctm"], row["core_mtc"])]
+                row |= {"ctm_minus_core_mtc_mean": sum(core) / len(core),
+                        "ctm_beats_core_mtc_on": sum(d > 0 for d in core)}
             rows.append(row)
     return rows
 
@@ -208,6 +258,13 @@ def _subspace_table(out: dict, rank: int) -> list[str]:
     return [markdown_table(header, body)]
 
 
+def _grid_text(values) -> str:
+    values = [round(x, 3) for x in values]
+    if len(values) > 15:
+        return f"{values[0]}..{values[-1]} ({len(values)} values)"
+    return str(values)
+
+
 def to_markdown(out: dict, meta: dict, zoo: Zoo) -> str:
     names = out["tasks"]
     short = [n.replace("_", " ") for n in names]
@@ -219,11 +276,13 @@ def to_markdown(out: dict, meta: dict, zoo: Zoo) -> str:
              f"torch {meta['versions']['torch']}. Run time {out['wall_seconds']:.0f} s.", "",
              f"Zoo: MLP 64-{zc.hidden}-{zc.hidden}-{zc.hidden}, one rank-{zc.rank} LoRA (alpha {zc.alpha:g}) per task "
              f"on {', '.join(zc.lora_layers)} and one head per task (heads are not merged); {len(names)} tasks. "
-             f"Lambda grid {[round(x, 3) for x in cfg['lambdas']]}, top_k grid {list(cfg['top_ks'])} "
-             f"(TIES, DARE-TIES), DARE p={cfg['dare_p']} averaged over seeds {list(cfg['dare_seeds'])}; "
+             f"Protocol `{cfg['protocol']}`: lambda grid {_grid_text(cfg['lambdas'])}, top_k grid "
+             f"{list(cfg['top_ks'])} (TIES, DARE-TIES), DARE p in {list(cfg['dare_ps'])} with seeds "
+             f"{list(cfg['dare_seeds'])} (results averaged over seeds), CtM beta in {list(cfg['betas'])}; "
              "chosen on validation by mean normalised accuracy, the same grids for every method. "
+             "TIES keeps max(1, round(K d)) entries per task (the paper's code: int(K d) + 1). "
              "Numbers: test accuracy of the merged model / the task's own adapter x 100. "
-             "ctm: CtM with beta 0 (the default), ctm_b1: beta 1.", ""]
+             "ctm: CtM (beta as the protocol says), ctm_b1: beta 1.", ""]
     ind = [["individual (abs. %)"] + list(out["individual_test_acc"]) +
            [sum(out["individual_test_acc"]) / len(names)],
            ["base + task heads (lambda 0)"] + list(out["lambda0_test_norm"]) +
@@ -232,11 +291,15 @@ def to_markdown(out: dict, meta: dict, zoo: Zoo) -> str:
     lines += ["## CtM against MtC, same rule", "",
               f"Average normalised accuracy on the committed zoo and on {len(out['replicates'])} zoos retrained "
               "with other seeds (same tasks, split and grids).", ""]
+    seq = lambda c, m: " / ".join(f"{v:.1f}" for v in c.get(m, [])) or "n/a"
+    ctm_label = "CtM (beta searched)" if len(cfg["betas"]) > 1 else f"CtM (beta {cfg['betas'][0]:g})"
     lines += [markdown_table(
-        ["rank", "rule", "CtM (beta 0)", "CtM (beta 1)", "MtC", "CtM - MtC (mean)", "CtM better on"],
-        [[c["rank"], c["rule"], " / ".join(f"{v:.1f}" for v in c["ctm"]),
-          " / ".join(f"{v:.1f}" for v in c.get("ctm_b1", [])) or "n/a", " / ".join(f"{v:.1f}" for v in c["mtc"]),
-          round(c["ctm_minus_mtc_mean"], 1), f"{c['ctm_beats_mtc_on']} of {c['zoos']} zoos"]
+        ["rank", "rule", ctm_label, "CtM (beta 1)", "MtC", "core MtC", "CtM - MtC (mean)", "CtM better on",
+         "CtM - core MtC (mean)", "CtM better on"],
+        [[c["rank"], c["rule"], seq(c, "ctm"), seq(c, "ctm_b1"), seq(c, "mtc"), seq(c, "core_mtc"),
+          round(c["ctm_minus_mtc_mean"], 1), f"{c['ctm_beats_mtc_on']} of {c['zoos']} zoos",
+          round(c["ctm_minus_core_mtc_mean"], 1) if "ctm_minus_core_mtc_mean" in c else "n/a",
+          f"{c['ctm_beats_core_mtc_on']} of {c['zoos']} zoos" if "ctm_beats_core_mtc_on" in c else "n/a"]
          for c in out["claims"]]), ""]
     for rank in cfg["ranks"]:
         lines += [f"## Merged rank {rank}", ""]
@@ -288,6 +351,8 @@ def replicate(k: int, data: Digits, cfg: RunConfig, log=print) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="rank 8 only, fewer rules, smaller grids (< 2 min)")
+    parser.add_argument("--protocol", choices=("project", "paper"), default="project",
+                        help="paper: the CtM paper's search (beta, scale 0..2 step 0.025, top-K, DARE p)")
     parser.add_argument("--retrain", action="store_true", help="train the zoo again (and overwrite it) first")
     parser.add_argument("--zoo", type=Path, default=ZOO_DIR)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -296,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    cfg = QUICK if args.quick else RunConfig()
+    cfg = {(False, "project"): RunConfig(), (True, "project"): QUICK, (False, "paper"): PAPER,
+           (True, "paper"): PAPER_QUICK}[args.quick, args.protocol]
     data = Digits()
     if args.retrain or not (args.zoo / "manifest.json").is_file():
         save_zoo(train_zoo(ZooConfig(), data), args.zoo)
@@ -306,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["claims"] = claims([out] + out["replicates"])
     meta = metadata()
     out["wall_seconds"] = time.perf_counter() - t0
-    stem = "quality_digits_quick" if args.quick else "quality_digits"
+    stem = "quality_digits" + ("_paper" if args.protocol == "paper" else "") + ("_quick" if args.quick else "")
     write_json(args.out / f"{stem}.json", {"meta": meta, "zoo": {"config": asdict(zoo.config), "stats": zoo.stats},
                                           **out})
     (args.out / f"{stem}.md").write_text(to_markdown(out, meta, zoo))

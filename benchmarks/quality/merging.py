@@ -84,8 +84,10 @@ class Merger:
                 max_iter=self.max_iter)
         return self._plans[rank, beta]
 
-    def merge(self, method: str, rule: str, rank: int | None, **params) -> list[torch.Tensor]:
-        """Per layer, the merged update ``[m, n]`` (float64, lambda = 1).
+    def merge(self, method: str, rule: str, rank: int | None, beta: float | None = None,
+              **params) -> list[torch.Tensor]:
+        """Per layer, the merged update ``[m, n]`` (float64, lambda = 1). ``beta`` overrides the
+        CtM methods' own (``CTM_BETA``); each ``(rank, beta)`` subspace is solved once.
 
         DARE draws one mask per layer from ``seed + layer * stride`` in every method (the engine
         does this itself for a batch of layers; the dense baselines merge one layer at a time)."""
@@ -94,7 +96,10 @@ class Merger:
         if method in RANKED and rank is None:
             raise ValueError(f"merging.py: method {method!r} needs a rank")
         if method in CTM_BETA:
-            return [p.merge(rule, scale=1.0, **params).delta.double() for p in self.plans(rank, CTM_BETA[method])]
+            plans = self.plans(rank, CTM_BETA[method] if beta is None else beta)
+            return [p.merge(rule, scale=1.0, **params).delta.double() for p in plans]
+        if beta is not None:
+            raise ValueError(f"merging.py: beta applies to CtM only, not to {method!r}")
         out = []
         for i, (layer, dW) in enumerate(zip(self.layers, self.dense)):
             p = dict(params)

@@ -43,6 +43,31 @@ class Backbone(nn.Module):
         return x
 
 
+    def features_over_scales(self, x: torch.Tensor, updates: dict[str, torch.Tensor], scales) -> list[torch.Tensor]:
+        """``forward_with_deltas(x, {name: lam * updates[name]})`` for every ``lam`` of ``scales``.
+
+        The layers before the first updated one, and the first updated layer's two products,
+        do not depend on ``lam``: they are computed once (the scale grid of the paper's
+        protocol has 81 values)."""
+        names = [n for n in LAYERS if n in updates]
+        first = LAYERS.index(names[0]) if names else len(LAYERS)
+        for name in LAYERS[:first]:
+            x = torch.relu(getattr(self, name)(x))
+        if first == len(LAYERS):
+            return [x for _ in scales]
+        layer = getattr(self, LAYERS[first])
+        base, delta = layer(x), nn.functional.linear(x, updates[LAYERS[first]])
+        out = []
+        for lam in scales:
+            h = torch.relu(base + lam * delta)
+            for name in LAYERS[first + 1:]:
+                layer = getattr(self, name)
+                weight = layer.weight + lam * updates[name] if name in updates else layer.weight
+                h = torch.relu(nn.functional.linear(h, weight, layer.bias))
+            out.append(h)
+        return out
+
+
 class LoRALinear(nn.Module):
     """Frozen ``base`` Linear ``W [out, in]`` plus ``scaling * B @ A``.
 

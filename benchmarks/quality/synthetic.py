@@ -19,13 +19,16 @@ ceiling, full-parameter merging, and measures per adapter t:
   inputs that adapter t acts on, as a task's own data would.
 
 Writes ``benchmarks/results/quality_synthetic.{json,csv,md}`` (``--quick``: ``*_quick.*``).
+``--protocol paper`` chooses lambda on the grid 0..2 (step 0.025) and searches top_k, the DARE
+drop rate and CtM's beta on the validation draw, as the CtM paper does
+(``quality_synthetic_paper[_quick].*``).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +53,14 @@ class SyntheticConfig:
     rules: tuple[str, ...] = ("sum", "ties", "dare_ties", "tsv", "iso_c")
     inputs: int = 256          # gaussian inputs x per draw (one draw picks lambda, one measures)
     seed: int = 0
+    # "project": lambda in closed form, rule defaults (TIES top_k 0.2, DARE-TIES p 0.5), CtM beta 0;
+    # "paper": the CtM paper's search on the validation draw: lambda on the grid below, top_k,
+    # DARE p and CtM's beta searched
+    protocol: str = "project"
+    lambdas: tuple[float, ...] = tuple(round(0.025 * k, 3) for k in range(81))
+    top_ks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    dare_ps: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    betas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
 
 
 QUICK = SyntheticConfig(m=256, n=256, Ts=(4, 16), ranks=(8, 16), rules=("sum", "ties", "tsv"), inputs=128)
@@ -107,6 +118,44 @@ def function_error(merged: torch.Tensor, dW: torch.Tensor, x_val: torch.Tensor, 
     return float(per.mean()), lam
 
 
+def grid_error(merged: torch.Tensor, dW: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, lambdas):
+    """Mean relative error ``||lam M x - dW_t x|| / ||dW_t x||`` (as :func:`function_error`)
+    with ``lam`` the grid value of least error on ``x_val`` -> (val error, test error, lam)."""
+    def errors(x):
+        Mx, Dx = merged @ x, dW @ x                           # [m, N] or [T, m, N]; [T, m, N]
+        # ||lam a - b||^2 = lam^2 a.a - 2 lam a.b + b.b per adapter and input: no [grid, T, m, N] tensor
+        aa, ab, bb = (Mx * Mx).sum(-2), (Mx * Dx).sum(-2), (Dx * Dx).sum(-2)          # [T, N]
+        lam = torch.tensor(lambdas, dtype=Dx.dtype)[:, None, None]
+        sq = (lam ** 2 * aa - 2 * lam * ab + bb).clamp(min=0)
+        return (sq.sqrt() / bb.sqrt()).flatten(1).mean(1)                              # [len(lambdas)]
+    val = errors(x_val)
+    best = int(val.argmin())
+    return float(val[best]), float(errors(x_test)[best]), lambdas[best]
+
+
+def _paper_grid(cfg: SyntheticConfig, method: str, rule: str) -> list[dict]:
+    grid = [{}]
+    if method == "ctm":
+        grid = [{"beta": b} for b in cfg.betas]
+    if rule == "dare_ties":
+        grid = [{**g, "p": p, "seed": 0} for g in grid for p in cfg.dare_ps]
+    if rule in ("ties", "dare_ties"):
+        grid = [{**g, "top_k": k} for g in grid for k in cfg.top_ks]
+    return grid
+
+
+def _paper_search(merger, method, rule, rank, dW, draws, lambdas, grid):
+    """Per input kind (gaussian, own), the parameters and lambda of least validation error."""
+    best = {}
+    for params in grid:
+        M = merger.merge(method, rule, rank, **params)[0]
+        for kind, (x_val, x_test) in draws.items():
+            val, test, lam = grid_error(M, dW, x_val, x_test, lambdas)
+            if kind not in best or val < best[kind][0]:
+                best[kind] = (val, test, lam, params, M)
+    return best
+
+
 def run(cfg: SyntheticConfig, log=print) -> list[dict]:
     rows = []
     for T in cfg.Ts:
@@ -125,16 +174,26 @@ def run(cfg: SyntheticConfig, log=print) -> list[dict]:
                     continue
                 for rule in cfg.rules:
                     t0 = time.perf_counter()
-                    params = {"p": 0.5, "seed": 0} if rule == "dare_ties" else {}
-                    M = merger.merge(method, rule, rank if method in RANKED else None, **params)[0]
-                    err, lam = function_error(M, dW, x_val, x_test)
-                    own_err, own_lam = function_error(M, dW, own_val, own_test)
-                    row = {"T": T, "rank": rank if method in RANKED else None, "method": method, "rule": rule,
-                           "function_error": err, "lambda": lam, "own_function_error": own_err, "own_lambda": own_lam}
+                    r = rank if method in RANKED else None
+                    if cfg.protocol == "paper":
+                        best = _paper_search(merger, method, rule, r, dW,
+                                             {"gaussian": (x_val, x_test), "own": (own_val, own_test)},
+                                             cfg.lambdas, _paper_grid(cfg, method, rule))
+                        _, err, lam, params, M = best["gaussian"]
+                        _, own_err, own_lam, own_params, _ = best["own"]
+                        chosen = {"chosen": params, "own_chosen": own_params}
+                    else:
+                        params = {"p": 0.5, "seed": 0} if rule == "dare_ties" else {}
+                        M = merger.merge(method, rule, r, **params)[0]
+                        err, lam = function_error(M, dW, x_val, x_test)
+                        own_err, own_lam = function_error(M, dW, own_val, own_test)
+                        chosen = {}
+                    row = {"T": T, "rank": r, "method": method, "rule": rule, "function_error": err,
+                           "lambda": lam, "own_function_error": own_err, "own_lambda": own_lam, **chosen}
                     if method in RANKED:
                         U, V = singular_subspaces(M, rank)
                         if method == "ctm":
-                            plan = merger.plans(rank)[0]
+                            plan = merger.plans(rank, params.get("beta", 0.0))[0]
                             kept = torch.tensor(plan.info.energy_kept, dtype=torch.float64)
                             row |= {"iterations": plan.info.iterations, "converged": plan.info.converged}
                         else:
@@ -160,8 +219,12 @@ def to_markdown(rows: list[dict], cfg: SyntheticConfig, meta: dict, seconds: flo
              "Energy kept: mean over adapters of ||U^T dW_t V||^2/||dW_t||^2 (CtM: its subspaces; MtC, "
              "core MtC: the singular subspaces of the rank-r output); own: the same for the adapter's "
              "task-specific part. Function error: mean ||lam M x - dW_t x||/||dW_t x|| over gaussian x "
-             "(err) and over x in adapter t's input subspace (own err), lam fitted on a separate draw. "
-             "DARE-TIES: p 0.5, seed 0; TIES top_k 0.2.", ""]
+             "(err) and over x in adapter t's input subspace (own err), lam fitted on a separate draw. " +
+             ("DARE-TIES: p 0.5, seed 0; TIES top_k 0.2." if cfg.protocol == "project" else
+              f"Protocol `paper`: lambda on {cfg.lambdas[0]}..{cfg.lambdas[-1]} ({len(cfg.lambdas)} values), top_k in "
+              f"{list(cfg.top_ks)}, DARE p in {list(cfg.dare_ps)} (seed 0), CtM beta in {list(cfg.betas)}, chosen "
+              "per input kind by the least mean error on the validation draw (TIES keeps max(1, round(K d)) "
+              "entries, the paper's code int(K d) + 1)."), ""]
     ranked = [m for m in SYN_METHODS if m in RANKED]
     for rule in cfg.rules:
         header = ["T", "r"] + [f"kept {m}" for m in ranked] + [f"own kept {m}" for m in ranked] + \
@@ -183,17 +246,19 @@ def to_markdown(rows: list[dict], cfg: SyntheticConfig, meta: dict, seconds: flo
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="256x256, T in (4, 16), r in (8, 16), three rules")
+    parser.add_argument("--protocol", choices=("project", "paper"), default="project",
+                        help="paper: lambda on 0..2 step 0.025, top_k, DARE p and CtM beta searched on validation")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else SyntheticConfig()
+    cfg = replace(QUICK if args.quick else SyntheticConfig(), protocol=args.protocol)
     t0 = time.perf_counter()
     rows = run(cfg)
     seconds = time.perf_counter() - t0
     meta = metadata()
     out = args.out
-    stem = "quality_synthetic_quick" if args.quick else "quality_synthetic"
+    stem = "quality_synthetic" + ("_paper" if args.protocol == "paper" else "") + ("_quick" if args.quick else "")
     write_json(out / f"{stem}.json", {"meta": meta, "config": asdict(cfg), "seconds": seconds, "rows": rows})
     write_csv(out / f"{stem}.csv", [{**r, "rank": "" if r["rank"] is None else r["rank"]} for r in rows])
     (out / f"{stem}.md").write_text(to_markdown(rows, cfg, meta, seconds))

@@ -1,0 +1,317 @@
+"""A second LoRA zoo that looks like real LoRA use: a small transformer and rank-16 adapters.
+
+``python -m benchmarks.quality.seqzoo [--seeds 0 1 2]`` trains it again (seeded, a few minutes
+of CPU per seed) into ``benchmarks/quality/zoo_seq/seed<k>/``:
+
+* the base: a 2-block pre-LayerNorm transformer encoder (d_model 128, 4 heads, MLP 256,
+  learned positions) with ONE output head over the 10 digit tokens, pre-trained on a mix of
+  four sequence tasks (copy, reverse, add one, rotate), each announced by its own task token;
+* then one rank-16 LoRA (alpha 32) per new task on q, k, v, o and the two MLP matrices of both
+  blocks (12 modules), trained with base and head frozen: the head and vocabulary are shared,
+  so no task has parameters of its own outside the merged modules;
+* eight new tasks, all on 8 digits, all shown with the same neutral task token: sort, times three
+  mod 10, running max, x_i + x_(7-i) mod 10, swap neighbours, difference to the previous
+  digit mod 10, count of the digit in the sequence, rotate by three.
+
+Files: ``base.safetensors`` (fp16; rounded before the adapters train, so the stored base is the
+trained-on one), ``adapters.safetensors`` (``<task>.<module>.lora_A [16, in]`` and
+``.lora_B [out, 16]``, fp16), ``manifest.json`` (configuration, per-task accuracies, the
+adapters' effective ranks). Accuracy is per output token (8 per sequence).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+SEQ_DIR = Path(__file__).resolve().parent / "zoo_seq"
+DIGITS, LENGTH = 10, 8
+PRETRAIN_TASKS = ("copy", "reverse", "add_one", "rotate_one")
+LORA_TASKS = ("sort", "times_three", "running_max", "add_mirror", "swap_pairs", "difference", "count", "rotate_three")
+ADAPT_TOKEN = DIGITS + len(PRETRAIN_TASKS)          # the neutral task token of the adapters' tasks
+VOCAB = ADAPT_TOKEN + 1
+
+
+def target(task: str, x: torch.Tensor) -> torch.Tensor:
+    """The output digits ``[N, 8]`` of ``task`` for input digits ``x [N, 8]``."""
+    if task == "copy":
+        return x
+    if task == "reverse":
+        return x.flip(1)
+    if task == "add_one":
+        return (x + 1) % DIGITS
+    if task == "rotate_one":
+        return x.roll(-1, 1)
+    if task == "sort":
+        return x.sort(1).values
+    if task == "times_three":
+        return (3 * x) % DIGITS
+    if task == "running_max":
+        return x.cummax(1).values
+    if task == "add_mirror":
+        return (x + x.flip(1)) % DIGITS
+    if task == "swap_pairs":
+        return x.reshape(-1, LENGTH // 2, 2).flip(2).reshape(-1, LENGTH)
+    if task == "difference":
+        return (x - torch.nn.functional.pad(x, (1, 0))[:, :-1]) % DIGITS
+    if task == "count":
+        return (x[:, :, None] == x[:, None, :]).sum(2) % DIGITS
+    if task == "rotate_three":
+        return x.roll(-3, 1)
+    raise ValueError(f"seqzoo.py: unknown task {task!r}")
+
+
+def batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random sequences: tokens ``[n, 9]`` (task token, 8 digits), targets ``[n, 8]``."""
+    x = torch.randint(0, DIGITS, (n, LENGTH), generator=g)
+    token = DIGITS + PRETRAIN_TASKS.index(task) if task in PRETRAIN_TASKS else ADAPT_TOKEN
+    return torch.cat([torch.full((n, 1), token), x], 1), target(task, x)
+
+
+@dataclass
+class SeqConfig:
+    d_model: int = 128
+    heads: int = 4
+    mlp: int = 256
+    blocks: int = 2
+    rank: int = 16
+    alpha: float = 32.0
+    pretrain_steps: int = 1500
+    pretrain_lr: float = 2e-3
+    adapter_steps: int = 800
+    adapter_lr: float = 3e-3
+    batch_size: int = 64
+    eval_size: int = 128          # sequences per task in each of val and test
+    seed: int = 0
+    tasks: list[str] = field(default_factory=lambda: list(LORA_TASKS))
+
+    @property
+    def lora_layers(self) -> list[str]:
+        return [f"b{i}.{m}" for i in range(self.blocks) for m in ("q", "k", "v", "o", "up", "down")]
+
+
+class SeqModel(nn.Module):
+    """Token ids ``[N, 9]`` -> digit logits ``[N, 8, 10]`` at positions 1..8; every Linear of
+    the blocks is addressed by name (``b0.q`` ...) so dense updates can be added to it."""
+
+    def __init__(self, cfg: SeqConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.embed = nn.Embedding(VOCAB, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(LENGTH + 1, d))
+        self.lin = nn.ModuleDict()
+        self.norms = nn.ModuleDict()
+        for i in range(cfg.blocks):
+            for m in ("q", "k", "v", "o"):
+                self.lin[f"b{i}_{m}"] = nn.Linear(d, d)
+            self.lin[f"b{i}_up"] = nn.Linear(d, cfg.mlp)
+            self.lin[f"b{i}_down"] = nn.Linear(cfg.mlp, d)
+            self.norms[f"b{i}_attn"] = nn.LayerNorm(d)
+            self.norms[f"b{i}_mlp"] = nn.LayerNorm(d)
+        self.final = nn.LayerNorm(d)
+        self.head = nn.Linear(d, DIGITS)
+
+    def _linear(self, name: str, x: torch.Tensor, deltas) -> torch.Tensor:
+        layer = self.lin[name.replace(".", "_")]
+        weight = layer.weight if deltas is None or name not in deltas else layer.weight + deltas[name]
+        return nn.functional.linear(x, weight, layer.bias)
+
+    def forward(self, tokens: torch.Tensor, deltas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        N, S = tokens.shape
+        h = self.embed(tokens) + self.pos[:S]
+        H, dh = self.cfg.heads, self.cfg.d_model // self.cfg.heads
+        for i in range(self.cfg.blocks):
+            a = self.norms[f"b{i}_attn"](h)
+            q, k, v = (self._linear(f"b{i}.{m}", a, deltas).reshape(N, S, H, dh).transpose(1, 2) for m in "qkv")
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v
+            h = h + self._linear(f"b{i}.o", att.transpose(1, 2).reshape(N, S, -1), deltas)
+            m = self.norms[f"b{i}_mlp"](h)
+            h = h + self._linear(f"b{i}.down", nn.functional.gelu(self._linear(f"b{i}.up", m, deltas)), deltas)
+        return self.head(self.final(h))[:, 1:]
+
+
+@dataclass
+class SeqAdapter:
+    task: str
+    A: dict[str, torch.Tensor]      # module -> [rank, in]
+    B: dict[str, torch.Tensor]      # module -> [out, rank]
+    scaling: float
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {n: self.scaling * self.B[n] @ self.A[n] for n in self.A}
+
+
+@dataclass
+class SeqZoo:
+    config: SeqConfig
+    model: SeqModel
+    adapters: list[SeqAdapter]
+    stats: dict
+
+
+def token_accuracy(model: SeqModel, deltas, tokens: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (model(tokens, deltas).argmax(-1) == y).float().mean().item()
+
+
+def eval_sets(cfg: SeqConfig, task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed val and test sequences of ``task`` (seeded by the task's position, not the zoo seed,
+    so every zoo is measured on the same sequences)."""
+    g = torch.Generator().manual_seed(10_000 + LORA_TASKS.index(task))
+    return {"val": batch(task, cfg.eval_size, g), "test": batch(task, cfg.eval_size, g)}
+
+
+def _train(params, loss_fn, steps: int, lr: float) -> None:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        sched.step()
+
+
+def pretrain(cfg: SeqConfig) -> SeqModel:
+    torch.manual_seed(cfg.seed)
+    model = SeqModel(cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    per = cfg.batch_size // len(PRETRAIN_TASKS)
+
+    def loss():
+        tok, y = zip(*(batch(t, per, g) for t in PRETRAIN_TASKS))
+        logits = model(torch.cat(tok))
+        return nn.functional.cross_entropy(logits.reshape(-1, DIGITS), torch.cat(y).reshape(-1))
+
+    _train(list(model.parameters()), loss, cfg.pretrain_steps, cfg.pretrain_lr)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())        # the stored fp16 base is the trained-on base
+            p.requires_grad_(False)
+    return model
+
+
+def train_adapter(model: SeqModel, cfg: SeqConfig, task: str, seed: int) -> SeqAdapter:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    A, B = {}, {}
+    for name in cfg.lora_layers:
+        layer = model.lin[name.replace(".", "_")]
+        A[name] = nn.Parameter(torch.empty(cfg.rank, layer.in_features))
+        nn.init.kaiming_uniform_(A[name], a=math.sqrt(5))
+        B[name] = nn.Parameter(torch.zeros(layer.out_features, cfg.rank))
+    scaling = cfg.alpha / cfg.rank
+
+    def loss():
+        tok, y = batch(task, cfg.batch_size, g)
+        logits = model(tok, {n: scaling * B[n] @ A[n] for n in A})
+        return nn.functional.cross_entropy(logits.reshape(-1, DIGITS), y.reshape(-1))
+
+    _train(list(A.values()) + list(B.values()), loss, cfg.adapter_steps, cfg.adapter_lr)
+    # stored in fp16 (a few MB per zoo); the rounded factors are the adapter that is evaluated
+    return SeqAdapter(task, {n: a.detach().half().float() for n, a in A.items()},
+                      {n: b.detach().half().float() for n, b in B.items()}, scaling)
+
+
+def effective_rank(adapters: list[SeqAdapter], energy: float = 0.9) -> dict:
+    """Per module update ``dW_t``: directions needed for ``energy`` of ``||dW_t||^2`` and the
+    share of its first direction, averaged over adapters and modules (min and max too)."""
+    needed, first = [], []
+    for a in adapters:
+        for dW in a.deltas().values():
+            s2 = torch.linalg.svdvals(dW.double()) ** 2
+            share = s2.cumsum(0) / s2.sum()
+            needed.append(int((share < energy).sum()) + 1)
+            first.append(float(share[0]))
+    return {"energy": energy, "directions_mean": sum(needed) / len(needed), "directions_min": min(needed),
+            "directions_max": max(needed), "first_share_mean": sum(first) / len(first), "first_share_max": max(first)}
+
+
+def train_zoo(cfg: SeqConfig, log=print) -> SeqZoo:
+    t0 = time.process_time()
+    model = pretrain(cfg)
+    log(f"seed {cfg.seed}: base pre-trained ({time.process_time() - t0:.0f} s CPU)")
+    adapters, stats = [], {"tasks": {}}
+    for i, task in enumerate(cfg.tasks):
+        adapter = train_adapter(model, cfg, task, 1000 * (cfg.seed + 1) + i)
+        sets = eval_sets(cfg, task)
+        stats["tasks"][task] = {"adapter_test": token_accuracy(model, adapter.deltas(), *sets["test"]),
+                                "base_test": token_accuracy(model, None, *sets["test"])}
+        adapters.append(adapter)
+        log(f"  {task:13s} adapter {stats['tasks'][task]['adapter_test']:5.1f}  base {stats['tasks'][task]['base_test']:5.1f}")
+    stats["effective_rank"] = effective_rank(adapters)
+    stats["cpu_seconds"] = time.process_time() - t0
+    log(f"seed {cfg.seed}: effective rank {stats['effective_rank']}, {stats['cpu_seconds']:.0f} s CPU")
+    return SeqZoo(cfg, model, adapters, stats)
+
+
+def save_zoo(zoo: SeqZoo, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in zoo.model.state_dict().items()}, str(path / "base.safetensors"))
+    tensors = {}
+    for a in zoo.adapters:
+        for n in a.A:
+            tensors[f"{a.task}.{n}.lora_A"] = a.A[n].half().contiguous()
+            tensors[f"{a.task}.{n}.lora_B"] = a.B[n].half().contiguous()
+    save_file(tensors, str(path / "adapters.safetensors"))
+    cfg = asdict(zoo.config)
+    (path / "manifest.json").write_text(json.dumps({"config": cfg, "stats": zoo.stats}, indent=2) + "\n")
+
+
+def load_zoo(path: Path) -> SeqZoo:
+    manifest = json.loads((path / "manifest.json").read_text())
+    cfg = SeqConfig(**manifest["config"])
+    model = SeqModel(cfg)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path / "base.safetensors")).items()})
+    model.requires_grad_(False)
+    tensors = load_file(str(path / "adapters.safetensors"))
+    adapters = [SeqAdapter(t, {n: tensors[f"{t}.{n}.lora_A"].float() for n in cfg.lora_layers},
+                           {n: tensors[f"{t}.{n}.lora_B"].float() for n in cfg.lora_layers}, cfg.alpha / cfg.rank)
+                for t in cfg.tasks]
+    return SeqZoo(cfg, model, adapters, manifest["stats"])
+
+
+class SeqEvaluator:
+    """Token accuracies of the shared head on one set of merged updates (the interface of
+    ``digits.Evaluator``, so the same search runs on both zoos)."""
+
+    def __init__(self, zoo: SeqZoo):
+        self.zoo = zoo
+        self.sets = [eval_sets(zoo.config, a.task) for a in zoo.adapters]
+        self.individual = {part: [token_accuracy(zoo.model, a.deltas(), *s[part]) for a, s in zip(zoo.adapters, self.sets)]
+                           for part in ("val", "test")}
+
+    def accuracies(self, deltas, part: str) -> list[float]:
+        return [token_accuracy(self.zoo.model, deltas, *s[part]) for s in self.sets]
+
+    def normalised(self, accs: list[float], part: str) -> list[float]:
+        return [100.0 * acc / ind for acc, ind in zip(accs, self.individual[part])]
+
+    def val_scores(self, updates: dict[str, torch.Tensor], lambdas) -> list[float]:
+        out = []
+        for lam in lambdas:
+            accs = self.accuracies({n: lam * M for n, M in updates.items()}, "val")
+            out.append(sum(self.normalised(accs, "val")) / len(accs))
+        return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=SEQ_DIR)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for seed in args.seeds:
+        save_zoo(train_zoo(SeqConfig(seed=seed)), args.out / f"seed{seed}")
+
+
+if __name__ == "__main__":
+    main()
