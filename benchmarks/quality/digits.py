@@ -49,7 +49,7 @@ class RunConfig:
     # beta of method "ctm", searched on validation with the other parameters ("ctm_b1" is beta 1)
     betas: tuple[float, ...] = (0.0,)
     protocol: str = "project"
-    tol: float = 1e-4
+    tol: float | None = None      # the engine's default stop (energy, 1e-6)
     max_iter: int = 1000
     # zoos retrained with other seeds, on which the CtM-vs-MtC comparison is repeated
     replicates: int = 2
@@ -329,7 +329,7 @@ def to_markdown(out: dict, meta: dict, zoo: Zoo) -> str:
     its = [f"rank {s['rank']} {s['layer']}: " + ", ".join(
         f"{m} {s[f'iterations_{m}']}{'' if s[f'converged_{m}'] else ' (not converged)'}"
         for m in CTM_BETA if f"iterations_{m}" in s) for s in out["subspaces"]]
-    lines += [f"CtM subspace search (engine, tol {cfg['tol']:g}), HOOI iterations: " + "; ".join(its), ""]
+    lines += [f"CtM subspace search (engine, energy stop, tol {cfg['tol'] or 1e-6:g}), HOOI iterations: " + "; ".join(its), ""]
     return "\n".join(lines)
 
 

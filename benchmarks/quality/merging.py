@@ -70,7 +70,7 @@ def rule_validity(method: str, rule: str, layers: list[LayerFactors], rank: int)
 class Merger:
     """Merges one model's adapters (a list of layers) with any method, rule and rank."""
 
-    def __init__(self, layers: list[LayerFactors], *, tol: float = 1e-4, max_iter: int = 1000):
+    def __init__(self, layers: list[LayerFactors], *, tol: float | None = None, max_iter: int = 1000):
         self.layers = layers
         self.tol, self.max_iter = tol, max_iter
         self.dense = [reference.dense_updates(l.A, l.B, l.scales) for l in layers]  # [T, m, n] fp64 each
