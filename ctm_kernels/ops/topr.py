@@ -1,0 +1,128 @@
+"""Top-``r`` eigenpairs of ``M = Z Z^T`` from the factor ``Z`` (the HOOI half-steps and the
+HOSVD init of the engine), and the cost model that picks between the two routes.
+
+* :func:`top_r_dense` - form ``M`` (``O(k^2 p)``) and take a full ``eigh`` (``O(k^3)``).
+* :func:`top_r_factored` - block Krylov with Rayleigh-Ritz on ``Z`` itself (``M`` never
+  formed): a block of ``b = r + guard`` vectors, warm-started from the caller's previous
+  answer, expanded to ``[X, M X, ..., M^depth X]`` per step. Its error shrinks with the gap
+  ``lambda_r / lambda_{b+1}`` (not ``lambda_r / lambda_{r+1}``), and it stops only when every
+  wanted residual ``||M x_i - theta_i x_i||`` is at the rounding level of a dense solve
+  (``RESID_FACTOR * eps * sqrt(p) * theta_1``), so its answer is the dense one to rounding.
+  A layer that has not converged within ``max_steps`` is solved densely.
+* :func:`dense_seconds`, :func:`factored_step_seconds` - predicted seconds of one dense solve
+  and of one factored step, from FLOP counts and rates measured on this project's CPU; the
+  engine gives the factored route at most the steps that a dense solve would cost.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import check, check_tensor
+
+# Block of the factored solver: r + GUARD vectors, Krylov depth DEPTH per step. Measured on
+# the half-steps of a structured 2048^2, T = 128, r = 16 merge (k = p = 2048, float64, gap
+# lambda_16 / lambda_17 = 1.004-1.007): from a far start / from the previous iterate,
+# guard 8: depth 2 45 / 15 steps, depth 3 22 / 8, depth 4 14 / 5, depth 6 8 / 3 (cost per
+# step grows like depth); guard 0 (the block of the earlier Krylov route) had not converged
+# after 200 steps of depth 1. Guards 12-16 took fewer steps but more time (products of
+# 28-32 columns ran at a third of the rate of 24 on this CPU).
+GUARD = 8
+DEPTH = 4
+# stop when every wanted residual is below RESID_FACTOR * eps * sqrt(p) * theta_1: the
+# backward error of a dense eigh of M, whose entries carry p-term rounding
+RESID_FACTOR = 4.0
+
+# Cost model constants, measured on this project's CPU (AMD EPYC, one thread, torch 2.13 +
+# MKL; benchmarks/bench_topr.py, results/topr_cpu.json):
+# square products (the dense Z Z^T), narrow products (Z or Z^T times a block of 24-120
+# columns, bound by reading Z) and the full eigh, seconds per k^3.
+GEMM_FLOPS = {torch.float64: 45e9, torch.float32: 90e9}
+NARROW_FLOPS = {torch.float64: 14e9, torch.float32: 45e9}
+EIGH_S_PER_K3 = {torch.float64: 2.6e-10, torch.float32: 1.2e-10}
+
+
+def _rate(table, dtype):
+    return table.get(dtype, table[torch.float32])
+
+
+def dense_seconds(k, p, dtype):
+    """Predicted seconds of :func:`top_r_dense` for one ``[k, p]`` factor."""
+    return 2 * k * k * p / _rate(GEMM_FLOPS, dtype) + _rate(EIGH_S_PER_K3, dtype) * k ** 3
+
+
+def factored_step_seconds(k, p, b, depth, dtype):
+    """Predicted seconds of one step of :func:`top_r_factored` (``3 * depth`` products of
+    ``Z`` or ``Z^T`` with ``b`` columns, and the QR of ``[k, (depth + 1) b]``)."""
+    width = (depth + 1) * b
+    return (3 * depth * b * 2 * k * p + 4 * k * width * width) / _rate(NARROW_FLOPS, dtype)
+
+
+def top_r_dense(Z, r):
+    """``Z [L, k, p]`` -> the top-``r`` eigenpairs of ``Z Z^T``: (``[L, r]`` descending,
+    ``[L, k, r]``)."""
+    w, U = torch.linalg.eigh(Z @ Z.mT)
+    return w.flip(-1)[:, :r], U.flip(-1)[..., :r]
+
+
+def _orth(X):
+    # Householder QR: orthonormal columns even where X's columns are dependent
+    return torch.linalg.qr(X).Q
+
+
+def top_r_factored(Z, r, X0=None, *, guard=GUARD, depth=DEPTH, max_steps=100, seed=0):
+    """Top-``r`` eigenpairs of ``M = Z Z^T`` for ``Z [L, k, p]`` without forming ``M``.
+
+    ``X0 [L, k, r0]`` (``r0 <= r + guard``, may hold zero columns): a starting block, e.g. the
+    previous iterate of an outer loop; the rest of the block is seeded random. Each step
+    orthonormalises ``[X, M X, ..., M^depth X]``, takes the Rayleigh-Ritz pairs of ``M`` on
+    it from ``Y = Z^T Q`` (``Q^T M Q = Y^T Y``) and keeps the top ``b``. A layer stops when its
+    top-``r`` residuals are at a dense solve's rounding (``RESID_FACTOR``); converged layers
+    are frozen. Layers still unconverged after ``max_steps`` are solved by :func:`top_r_dense`.
+
+    Returns (eigenvalues ``[L, r]`` descending, eigenvectors ``[L, k, r]``, steps ``[L]``,
+    solved iteratively ``[L]`` bool)."""
+    check_tensor(Z, "topr", "Z", 3, (torch.float32, torch.float64))
+    L, k, p = Z.shape
+    check(isinstance(r, int) and 1 <= r <= k, "topr", f"r must be in [1, {k}], got {r!r}")
+    check(isinstance(max_steps, int) and max_steps >= 0, "topr", f"max_steps must be >= 0, got {max_steps!r}")
+    b = min(k, r + guard)
+    if X0 is not None:
+        check_tensor(X0, "topr", "X0", 3, (torch.float32, torch.float64))
+        check(X0.shape[0] == L and X0.shape[1] == k and X0.shape[2] <= b, "topr",
+              f"X0 must be [{L}, {k}, <= {b}], got {tuple(X0.shape)}")
+    start = X0.to(Z.dtype) if X0 is not None else Z.new_zeros(L, k, 0)
+    gen = torch.Generator().manual_seed(seed)
+    extra = torch.randn((L, k, b - start.shape[-1]), generator=gen, dtype=Z.dtype).to(Z.device)
+    X = _orth(torch.cat([start, extra], -1))
+    MX = Z @ (Z.mT @ X)
+    theta = X.new_zeros(L, b)
+    steps = torch.zeros(L, dtype=torch.long, device=Z.device)
+    done = torch.zeros(L, dtype=torch.bool, device=Z.device)
+    bound = RESID_FACTOR * torch.finfo(Z.dtype).eps * math.sqrt(p)
+    for _ in range(max_steps):
+        blocks, P = [X, MX], MX
+        for _ in range(depth - 1):
+            P = Z @ (Z.mT @ _orth(P))
+            blocks.append(P)
+        Q = _orth(torch.cat(blocks, -1))                        # [L, k, <= (depth + 1) b]
+        Y = Z.mT @ Q
+        H = Y.mT @ Y
+        th, S = torch.linalg.eigh((H + H.mT) / 2)
+        th, S = th.flip(-1)[:, :b], S.flip(-1)[..., :b]
+        Xn, MXn = Q @ S, Z @ (Y @ S)
+        res = torch.linalg.vector_norm(MXn[..., :r] - Xn[..., :r] * th[:, None, :r], dim=-2)   # [L, r]
+        ok = (res <= bound * th[:, :1].clamp(min=torch.finfo(Z.dtype).tiny)).all(-1)
+        keep = done[:, None, None]
+        X, MX = torch.where(keep, X, Xn), torch.where(keep, MX, MXn)
+        theta = torch.where(done[:, None], theta, th)
+        steps += (~done).long()
+        done |= ok
+        if bool(done.all()):
+            break
+    w, U = theta[:, :r].clone(), X[..., :r].clone()
+    if not bool(done.all()):
+        bad = (~done).nonzero().squeeze(1)
+        w[bad], U[bad] = top_r_dense(Z[bad], r)
+    return w, U, steps, done
