@@ -43,10 +43,25 @@ def child(method, kind, m, T, r, threads):
     info = {}
     if method in ("ctm", "ctm_dense"):
         engine.TOP_R_ROUTE = "auto" if method == "ctm" else "dense"
-        solves = {"dense": 0, "factored": 0}
-        for route in solves:       # count the top-r solves of each route (the factored one's dense fallbacks included there)
-            fn = getattr(topr, f"top_r_{route}")
-            setattr(topr, f"top_r_{route}", lambda *a, _fn=fn, _route=route, **k: solves.__setitem__(_route, solves[_route] + 1) or _fn(*a, **k))
+        # count the top-r solves of each route (a factored solve's dense fallback counts there
+        # too) and the factored steps, for the cost model (benchmarks/cost_model.py)
+        solves = {}
+        dense_fn, factored_fn = topr.top_r_dense, topr.top_r_factored
+
+        def add(key, Z, v=1):
+            key = f"{key}_{str(Z.dtype).removeprefix('torch.')}"
+            solves[key] = solves.get(key, 0) + v
+
+        def counted_dense(Z, *args, **kw):
+            add("dense", Z)
+            return dense_fn(Z, *args, **kw)
+
+        def counted_factored(Z, *args, **kw):
+            res = factored_fn(Z, *args, **kw)
+            add("factored", Z)
+            add("steps", Z, int(res[2].max()))
+            return res
+        topr.top_r_dense, topr.top_r_factored = counted_dense, counted_factored
         out = ck.merge_layer(A, B, rank=r, method="ties")
         info = {"sweeps": out.info.iterations, "converged": out.info.converged, "solves": solves}
     elif method == "mtc_full_svd":
@@ -88,6 +103,7 @@ def check_routes(kind, m, T, r):
 def fits(method, m, T, r, limit_gib):
     R = T * r
     need = {"ctm": 8 * (2 * m * R + 4 * min(m, R) * R),
+            "ctm_dense": 8 * (2 * m * R + 4 * min(m, R) * R),
             "mtc_full_svd": 4 * 4 * T * m * m,           # dense updates + the rule's temporaries
             "core_mtc": 8 * (R * R * T + 2 * m * R)}[method]
     return need <= limit_gib * 2 ** 30

@@ -275,8 +275,9 @@ TOP_R_ROUTE = "auto"        # or "dense" / "factored" (the latter up to FORCED_S
 # Factored steps a solve is expected to need (benchmarks/bench_topr.py, structured 2048^2,
 # T = 128, k = p = 2048, float64, gap lambda_16 / lambda_17 = 1.004): from the previous HOOI
 # iterate 3-9, from seeded random vectors (the HOSVD init) 14. A solve goes factored when the
-# cost model affords at least these many steps; it gets steps up to a dense solve's cost and
-# is solved densely where it has not converged by then (at worst twice a dense solve).
+# cost model affords at least these many steps, and turns dense as soon as its residuals'
+# measured rate predicts more further steps than a dense solve costs (or after three times
+# that many steps).
 WARM_STEPS = 3
 COLD_STEPS = 16
 FORCED_STEPS = 500
@@ -292,7 +293,9 @@ def _top_r(Z, r, X0=None, inner_tol=None):
                  topr_op.factored_step_seconds(k, p, min(k, r + topr_op.GUARD), topr_op.DEPTH, Z.dtype))
     expected = WARM_STEPS if X0 is not None else COLD_STEPS
     if TOP_R_ROUTE == "factored" or (TOP_R_ROUTE == "auto" and budget >= expected):
-        w, U, _, _ = topr_op.top_r_factored(Z, r, X0, max_steps=FORCED_STEPS if TOP_R_ROUTE == "factored" else budget)
+        forced = TOP_R_ROUTE == "factored"
+        w, U, _, _ = topr_op.top_r_factored(Z, r, X0, max_steps=FORCED_STEPS if forced else 3 * budget,
+                                            dense_steps=None if forced else budget)
     else:
         w, U = topr_op.top_r_dense(Z, r)
     live = w > NULL_RTOL * w[:, :1].clamp(min=0)

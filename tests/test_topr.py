@@ -114,3 +114,15 @@ def test_gram_root_is_a_square_root_and_inverts_on_the_kept_directions(kind, mon
     assert torch.allclose(O.mT @ O, eye, atol=1e-10)
     if kind == "full":                      # the Cholesky factor: upper triangular
         assert torch.equal(Rf, Rf.triu())
+
+
+def test_a_slow_solve_turns_dense_early():
+    """On a gap of 1e-4 the measured rate predicts far more steps than a dense solve's worth:
+    the solver stops after its third step and answers densely."""
+    Z = _factor(1, 200, 200, gap=1e-4, seed=3)
+    w0, U0 = topr.top_r_dense(Z, 8)
+    w, U, steps, done = topr.top_r_factored(Z, 8, guard=0, depth=1, max_steps=60, dense_steps=5)
+    assert int(steps.max()) == 3 and not bool(done.any())
+    assert torch.equal(U, U0)
+    fast = topr.top_r_factored(Z, 8, guard=8, depth=2, max_steps=60, dense_steps=50)
+    assert bool(fast[3].all())
