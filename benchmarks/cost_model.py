@@ -7,6 +7,11 @@ EIGH_S_PER_K3) and prints measured / predicted. ``--gpu`` projects the same coun
 H100-class GPU with the assumed rates below (a projection, not a measurement).
 
     python benchmarks/cost_model.py benchmarks/results/many_m2048.json
+    python benchmarks/cost_model.py many.json --rates topr.json   # rates bench_topr.py measured
+
+On a shared machine the rates of the moment differ from the constants (3-8x lower at a load
+average of 6 on 2 cores); ``--rates`` takes them from a ``bench_topr.py`` result measured
+alongside the runs instead.
 """
 from __future__ import annotations
 
@@ -44,6 +49,18 @@ class GPU:
     narrow = None                      # bandwidth: bytes / 3e12
     eigh = {F64: 0.1 / 2048 ** 3, F32: 0.05 / 2048 ** 3}
     launch = 10e-6
+
+
+def measured(path):
+    """A hardware profile from the rates of a ``bench_topr.py`` result (its largest k)."""
+    rates = max(json.loads(Path(path).read_text())["rates"], key=lambda row: row["k"])
+
+    class Measured(CPU):
+        name = f"rates of {path}"
+        gemm = {F64: rates["gemm_gflops_float64"] * 1e9, F32: rates["gemm_gflops_float32"] * 1e9}
+        narrow = {F64: rates["narrow24_gflops_float64"] * 1e9, F32: rates["narrow24_gflops_float32"] * 1e9}
+        eigh = {F64: rates["eigh_s_per_k3_float64"], F32: rates["eigh_s_per_k3_float32"]}
+    return Measured
 
 
 def products(hw, flops, bytes_, dtype, launches=1):
@@ -98,7 +115,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+")
     p.add_argument("--gpu", action="store_true", help="also project onto an H100-class GPU")
+    p.add_argument("--rates", default=None, help="bench_topr.py result whose measured rates replace the constants")
     a = p.parse_args(argv)
+    hw = measured(a.rates) if a.rates else CPU
     rows = []
     for path in a.results:
         data = json.loads(Path(path).read_text())
@@ -106,13 +125,14 @@ def main(argv=None):
             if not row["method"].startswith("ctm") or row.get("status") != "ok" or "solves" not in row:
                 continue
             m, T, r = row["m"], row["T"], row["r"]
-            pred, parts = predict(CPU, m, m, T, r, r, row["solves"])
+            pred, parts = predict(hw, m, m, T, r, r, row["solves"])
             out = {"kind": row["kind"], "m": m, "T": T, "method": row["method"], "sweeps": row["sweeps"],
                    "measured_s": row["seconds"], "predicted_s": pred, "measured/predicted": row["seconds"] / pred,
                    **{f"{k}_s": v for k, v in parts.items()}}
             if a.gpu:
                 out["gpu_projection_s"] = predict(GPU, m, m, T, r, r, row["solves"])[0]
             rows.append(out)
+    print(f"model: {hw.name}")
     print(table(rows, list(rows[0]) if rows else []))
 
 
