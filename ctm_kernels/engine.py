@@ -182,8 +182,9 @@ class _Side:
     (never formed), ``F`` the scaled ``Bh`` ``[L, d, R]`` or ``Ah^T``.
 
     ``Rf [L, k, R]`` (``Rf^T Rf = F^T F``, dropped directions as zero rows), ``W [L, R, k]``
-    (a tensor, or :class:`_PseudoInverse`: only ``W @ U`` is used) with ``F W = O`` on the kept directions, ``blocks [L, T, rb, rb]`` the diagonal blocks
-    of ``F^T F`` and ``G [L, R, R]`` the whole Gram where it was built."""
+    (a tensor, or :class:`_PseudoInverse`: only ``W @ U`` is used) with ``F W = O`` on the
+    kept directions, ``blocks [L, T, rb, rb]`` the diagonal blocks of ``F^T F`` and
+    ``G [L, R, R]`` the whole Gram where it was built."""
     Rf: torch.Tensor
     W: torch.Tensor
     blocks: torch.Tensor
@@ -264,9 +265,8 @@ def _whiten_outer(F, T, rtol):
 
 
 # Top-r eigensolves of M = Z Z^T ([L, k, k]): dense (Z Z^T and a full eigh) or the factored
-# block Krylov of ops/topr.py, which gets at most the steps that the cost model
-# (ops/topr.py, constants measured on this CPU) says a dense solve would cost, and solves
-# densely the layers it has not converged by then. It solves to a dense solve's accuracy,
+# block Krylov of ops/topr.py, chosen per solve by the cost model of ops/topr.py (constants
+# measured on this CPU; see WARM_STEPS below). The factored solve solves to a dense solve's accuracy,
 # not to a share of the HOOI step: an earlier Krylov route that did (this constant, still
 # passed as inner_tol by the subspace solver and not used by the solves) took 304 sweeps
 # where the dense one took 19 (docs/DESIGN.md section 8).
