@@ -266,10 +266,10 @@ def _whiten_outer(F, T, rtol):
 
 # Top-r eigensolves of M = Z Z^T ([L, k, k]): dense (Z Z^T and a full eigh) or the factored
 # block Krylov of ops/topr.py, chosen per solve by the cost model of ops/topr.py (constants
-# measured on this CPU; see WARM_STEPS below). The factored solve solves to a dense solve's accuracy,
-# not to a share of the HOOI step: an earlier Krylov route that did (this constant, still
-# passed as inner_tol by the subspace solver and not used by the solves) took 304 sweeps
-# where the dense one took 19 (docs/DESIGN.md section 8).
+# measured on this CPU; see WARM_STEPS below). The factored solve goes down to a dense
+# solve's accuracy, not to a share of the HOOI step: an earlier Krylov route that stopped at
+# such a share (this constant, still passed as inner_tol by the subspace solver and not used
+# by the solves) took 304 sweeps where the dense one took 19 (docs/DESIGN.md section 8).
 KRYLOV_STEP_SHARE = 1e-3
 TOP_R_ROUTE = "auto"        # or "dense" / "factored" (the latter up to FORCED_STEPS): tests, benchmarks
 # Factored steps a solve is expected to need: from the previous HOOI iterate 1-3 on gaussian
