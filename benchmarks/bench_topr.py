@@ -5,8 +5,9 @@ cost model (``ops/topr.py``: GEMM_FLOPS, NARROW_FLOPS, EIGH_S_PER_K3).
 For each (kind, m, T) a real half-step is built: the layer's whitened sides, the HOSVD start
 and the first half-step image ``Z [k, T r]`` (k = min(m, T r)); the factored route starts
 from the HOSVD basis like the engine's first half-step, and from the dense answer plus a
-1e-4 perturbation (a late sweep), and from seeded random vectors (as the HOSVD init does). Both routes' answers are compared (sine of the largest
-principal angle). One thread, medians of ``--repeat``.
+1e-4 perturbation (a late sweep), and from seeded random vectors (as the HOSVD init does).
+Both routes' answers are compared (sine of the largest principal angle). One thread, medians
+of ``--repeat``.
 
     python benchmarks/bench_topr.py                       # k = 512, 1024, 2048; p = k and 4k
     python benchmarks/bench_topr.py --quick
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -53,7 +53,12 @@ def half_step_case(kind, m, T, r=16):
     Ah = torch.stack([torch.cat(A, 0)]).double()
     rtol = engine.WHITEN_RTOL[torch.float64]
     R = T * r
-    side = (lambda F: engine._whiten_inner(F.mT @ F, T, rtol)) if R <= m else (lambda F: engine._whiten_outer(F, T, rtol))
+    if R <= m:
+        def side(F):
+            return engine._whiten_inner(F.mT @ F, T, rtol)
+    else:
+        def side(F):
+            return engine._whiten_outer(F, T, rtol)
     sb, sa = side(Bh), side(Ah.mT)
     nu = (sb.blocks * sa.blocks).sum((-2, -1)).sqrt()
     c = subspace_weights(nu[0], 0.0)[None]
