@@ -274,13 +274,13 @@ KRYLOV_STEP_SHARE = 1e-3
 TOP_R_ROUTE = "auto"        # or "dense" / "factored" (the latter up to FORCED_STEPS): tests, benchmarks
 # Factored steps a solve is expected to need: from the previous HOOI iterate 1-3 on gaussian
 # sets, 5-13 on structured ones (benchmarks/bench_many.py, 2048^2, T = 128: 67 steps for 7
-# float64 solves; their gap lambda_16 / lambda_17 is 1.004-1.007), from seeded random vectors
-# (the HOSVD init) 14 (benchmarks/bench_topr.py). A solve goes factored when the cost model
-# affords at least these many steps, and turns dense as soon as its residuals' measured rate
-# predicts more further steps than a dense solve costs (or after three times that many).
-# With 3 here, structured 2048^2 at T = 512 (a dense solve = 5 float64 steps) paid 3 steps
-# before turning dense in 7 of 9 half-steps.
-WARM_STEPS = 8
+# float64 solves, mean 9.6; their gap lambda_16 / lambda_17 is 1.004-1.007), from seeded
+# random vectors (the HOSVD init) 14 (benchmarks/bench_topr.py). A solve goes factored when
+# the cost model affords at least these many steps, and turns dense as soon as its residuals'
+# measured rate predicts more further steps than a dense solve costs (or after three times
+# that many). With 3 here, structured 2048^2 at T = 512 (a dense solve = 5 float64 steps of
+# the solver of that time) paid 3 steps before turning dense in 7 of 9 half-steps.
+WARM_STEPS = 10
 COLD_STEPS = 16
 FORCED_STEPS = 500
 

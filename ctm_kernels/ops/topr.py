@@ -32,8 +32,10 @@ from .eig import eigh_batched
 GUARD = 8
 DEPTH = 4
 # stop when every wanted residual is below RESID_FACTOR * eps * sqrt(p) * theta_1: the
-# backward error of a dense eigh of M, whose entries carry p-term rounding
-RESID_FACTOR = 4.0
+# backward error of a dense eigh of M, whose entries carry p-term rounding (the residuals of
+# the block Gram-Schmidt steps levelled off at 1.1-1.6 eps sqrt(p) theta_1 times 4 on a
+# rank-deficient 80 x 40 factor, hence 8)
+RESID_FACTOR = 8.0
 
 # Cost model constants, measured on this project's CPU (AMD EPYC, one thread, torch 2.13 +
 # MKL; benchmarks/bench_topr.py, results/topr_cpu.json):
@@ -54,10 +56,10 @@ def dense_seconds(k, p, dtype):
 
 
 def factored_step_seconds(k, p, b, depth, dtype):
-    """Predicted seconds of one step of :func:`top_r_factored` (``3 * depth`` products of
-    ``Z`` or ``Z^T`` with ``b`` columns, and the QR of ``[k, (depth + 1) b]``)."""
+    """Predicted seconds of one step of :func:`top_r_factored` (``2 * depth`` products of
+    ``Z`` or ``Z^T`` with ``b`` columns, and the block Gram-Schmidt of ``[k, (depth + 1) b]``)."""
     width = (depth + 1) * b
-    return (3 * depth * b * 2 * k * p + 4 * k * width * width) / _rate(NARROW_FLOPS, dtype)
+    return (2 * depth * b * 2 * k * p + 4 * k * width * width) / _rate(NARROW_FLOPS, dtype)
 
 
 def top_r_dense(Z, r):
@@ -78,8 +80,10 @@ def top_r_factored(Z, r, X0=None, *, guard=GUARD, depth=DEPTH, max_steps=100, de
 
     ``X0 [L, k, r0]`` (``r0 <= r + guard``, may hold zero columns): a starting block, e.g. the
     previous iterate of an outer loop; the rest of the block is seeded random. Each step
-    orthonormalises ``[X, M X, ..., M^depth X]``, takes the Rayleigh-Ritz pairs of ``M`` on
-    it from ``Y = Z^T Q`` (``Q^T M Q = Y^T Y``) and keeps the top ``b``. A layer stops when its
+    builds an orthonormal basis ``Q`` of ``[X, M X, ..., M^depth X]`` block by block, takes the
+    Rayleigh-Ritz pairs of ``M`` on it from ``Y = Z^T Q`` (``Q^T M Q = Y^T Y``) and keeps the
+    top ``b``. The depth is capped so that the blocks fit in ``R^k``; a problem too small for
+    one block beside ``X`` is solved densely. A layer stops when its
     top-``r`` residuals are at a dense solve's rounding (``RESID_FACTOR``); converged layers
     are frozen. Layers still unconverged after ``max_steps`` are solved by :func:`top_r_dense`,
     and so are all of them as soon as, from the third step on, the residuals' measured rate of
@@ -97,31 +101,49 @@ def top_r_factored(Z, r, X0=None, *, guard=GUARD, depth=DEPTH, max_steps=100, de
         check_tensor(X0, "topr", "X0", 3, (torch.float32, torch.float64))
         check(X0.shape[0] == L and X0.shape[1] == k and X0.shape[2] <= b, "topr",
               f"X0 must be [{L}, {k}, <= {b}], got {tuple(X0.shape)}")
+    # the Krylov blocks must fit in R^k next to each other (Householder completions of an
+    # exhausted block would not be orthogonal to the earlier ones)
+    depth = min(depth, k // b - 1)
+    if depth < 1 or max_steps == 0:
+        w, U = top_r_dense(Z, r)
+        return w, U, torch.zeros(L, dtype=torch.long, device=Z.device), torch.zeros(L, dtype=torch.bool, device=Z.device)
     start = X0.to(Z.dtype) if X0 is not None else Z.new_zeros(L, k, 0)
     gen = torch.Generator().manual_seed(seed)
     extra = torch.randn((L, k, b - start.shape[-1]), generator=gen, dtype=Z.dtype).to(Z.device)
     X = _orth(torch.cat([start, extra], -1))
-    MX = Z @ (Z.mT @ X)
+    Y0 = Z.mT @ X                                               # Z^T X, [L, p, b]
+    MX = Z @ Y0
     theta = X.new_zeros(L, b)
     steps = torch.zeros(L, dtype=torch.long, device=Z.device)
     done = torch.zeros(L, dtype=torch.bool, device=Z.device)
     bound = RESID_FACTOR * torch.finfo(Z.dtype).eps * math.sqrt(p)
     history = []                                                # excess of each step, [L]
     for _ in range(max_steps):
-        blocks, P = [X, MX], MX
-        for _ in range(depth - 1):
-            P = Z @ (Z.mT @ _orth(P))
-            blocks.append(P)
-        Q = _orth(torch.cat(blocks, -1))                        # [L, k, <= (depth + 1) b]
-        Y = Z.mT @ Q
+        # orthonormal Krylov blocks Q_0 = X, Q_1, ..., Q_depth by block Gram-Schmidt, keeping
+        # every Y_j = Z^T Q_j: the Rayleigh-Ritz matrix Y^T Y then costs no further product,
+        # 2 depth products of b columns per step (measured 20-30% faster than orthonormalising
+        # [X, M X, ..., M^depth X] at once and multiplying it by Z^T again)
+        Qs, Ys, W = [X], [Y0], MX
+        for j in range(1, depth + 1):
+            Qp = torch.cat(Qs, -1)
+            W = W - Qp @ (Qp.mT @ W)
+            W = W - Qp @ (Qp.mT @ W)
+            Qj = _orth(W)
+            Qj = _orth(Qj - Qp @ (Qp.mT @ Qj))                  # orthogonal to Qp to rounding
+            Ys.append(Z.mT @ Qj)
+            Qs.append(Qj)
+            if j < depth:
+                W = Z @ Ys[-1]
+        Q, Y = torch.cat(Qs, -1), torch.cat(Ys, -1)            # [L, k, (depth + 1) b], [L, p, ...]
         H = Y.mT @ Y
         th, S = torch.linalg.eigh((H + H.mT) / 2)
         th, S = th.flip(-1)[:, :b], S.flip(-1)[..., :b]
-        Xn, MXn = Q @ S, Z @ (Y @ S)
+        Xn, Y0n = Q @ S, Y @ S
+        MXn = Z @ Y0n
         res = torch.linalg.vector_norm(MXn[..., :r] - Xn[..., :r] * th[:, None, :r], dim=-2)   # [L, r]
         excess = res.amax(-1) / (bound * th[:, 0].clamp(min=torch.finfo(Z.dtype).tiny))          # [L], <= 1: done
         keep = done[:, None, None]
-        X, MX = torch.where(keep, X, Xn), torch.where(keep, MX, MXn)
+        X, MX, Y0 = torch.where(keep, X, Xn), torch.where(keep, MX, MXn), torch.where(keep, Y0, Y0n)
         theta = torch.where(done[:, None], theta, th)
         steps += (~done).long()
         done |= excess <= 1
