@@ -26,7 +26,7 @@ from .eig import eigh_batched
 # the half-steps of a structured 2048^2, T = 128, r = 16 merge (k = p = 2048, float64, gap
 # lambda_16 / lambda_17 = 1.004-1.007): from a far start / from the previous iterate,
 # guard 8: depth 2 45 / 15 steps, depth 3 22 / 8, depth 4 14 / 5, depth 6 8 / 3 (cost per
-# step grows like depth); guard 0 (the block of the earlier Krylov route) had not converged
+# step grows like depth; measured with the whole basis orthonormalised at once); guard 0 (the block of the earlier Krylov route) had not converged
 # after 200 steps of depth 1. Guards 12-16 took fewer steps but more time (products of
 # 28-32 columns ran at a third of the rate of 24 on this CPU).
 GUARD = 8
