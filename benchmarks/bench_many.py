@@ -25,22 +25,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ctm_kernels as ck  # noqa: E402
+from ctm_kernels import engine  # noqa: E402
 from ctm_kernels import reference as ref  # noqa: E402
+from ctm_kernels.ops import topr  # noqa: E402
 from benchmarks.bench_layer import dense, make_adapters  # noqa: E402
 from benchmarks.common import header, peak_rss_mib, reset_peak_rss, rss_mib, table, write_json  # noqa: E402
 
-METHODS = ("ctm", "mtc_full_svd", "core_mtc")
+METHODS = ("ctm", "ctm_dense", "mtc_full_svd", "core_mtc")   # ctm_dense: every top-r solve dense
 
 
-def child(method, kind, m, T, r):
+def child(method, kind, m, T, r, threads):
+    torch.set_num_threads(threads)
     A, B = make_adapters(kind, m, m, T, r, torch.float32, "cpu")
     reset_peak_rss()
     base = rss_mib()
     t0 = time.perf_counter()
     info = {}
-    if method == "ctm":
+    if method in ("ctm", "ctm_dense"):
+        engine.TOP_R_ROUTE = "auto" if method == "ctm" else "dense"
+        # count the top-r solves of each route (a factored solve's dense fallback counts there
+        # too) and the factored steps, for the cost model (benchmarks/cost_model.py)
+        solves = {}
+        dense_fn, factored_fn = topr.top_r_dense, topr.top_r_factored
+
+        def add(key, Z, v=1):
+            key = f"{key}_{str(Z.dtype).removeprefix('torch.')}"
+            solves[key] = solves.get(key, 0) + v
+
+        def counted_dense(Z, *args, **kw):
+            add("dense", Z)
+            return dense_fn(Z, *args, **kw)
+
+        def counted_factored(Z, *args, **kw):
+            res = factored_fn(Z, *args, **kw)
+            add("factored", Z)
+            add("steps", Z, int(res[2].max()))
+            return res
+        topr.top_r_dense, topr.top_r_factored = counted_dense, counted_factored
         out = ck.merge_layer(A, B, rank=r, method="ties")
-        info = {"sweeps": out.info.iterations, "converged": out.info.converged}
+        info = {"sweeps": out.info.iterations, "converged": out.info.converged, "solves": solves}
     elif method == "mtc_full_svd":
         ref.mtc(dense(A, B), r, "ties")
     elif method == "core_mtc":
@@ -61,9 +84,26 @@ def check(kind, m, T, r):
     return ((got.B.double() @ got.A.double() - want).norm() / want.norm()).item()
 
 
+def check_routes(kind, m, T, r):
+    """Every top-r solve on the factored route against every one dense, same inputs, default
+    tol and at tight tol -> (sweeps factored, sweeps dense, relative difference of the merged
+    ``sum`` update at tight tol)."""
+    A, B = make_adapters(kind, m, m, T, r, torch.float32, "cpu")
+    out = {}
+    for route in ("factored", "dense"):
+        engine.TOP_R_ROUTE = route
+        default = ck.merge_layer(A, B, rank=r, method="sum")
+        tight = ck.merge_layer(A, B, rank=r, method="sum", tol=1e-9, max_iter=3000)
+        out[route] = (default.info.iterations, tight.B.double() @ tight.A.double())
+    engine.TOP_R_ROUTE = "auto"
+    diff = ((out["factored"][1] - out["dense"][1]).norm() / out["dense"][1].norm()).item()
+    return out["factored"][0], out["dense"][0], diff
+
+
 def fits(method, m, T, r, limit_gib):
     R = T * r
     need = {"ctm": 8 * (2 * m * R + 4 * min(m, R) * R),
+            "ctm_dense": 8 * (2 * m * R + 4 * min(m, R) * R),
             "mtc_full_svd": 4 * 4 * T * m * m,           # dense updates + the rule's temporaries
             "core_mtc": 8 * (R * R * T + 2 * m * R)}[method]
     return need <= limit_gib * 2 ** 30
@@ -94,14 +134,15 @@ def main(argv=None):
     p.add_argument("--mem-limit-gib", type=float, default=16)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on a shared machine)")
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        method, kind, m, T, r = a.child
-        return child(method, kind, int(m), int(T), int(r))
+        method, kind, m, T, r, threads = a.child
+        return child(method, kind, int(m), int(T), int(r), int(threads))
     if a.quick:
         a.m, a.T, a.r, a.check_T, a.check_m, a.kinds = 128, "8,64", 4, 16, 64, "structured"
-    rows, checks = [], {}
+    rows, checks, route_checks = [], {}, {}
     name = f"many_m{a.m}{'_quick' if a.quick else ''}.json"
     for kind in a.kinds.split(","):
         err = check(kind, a.check_m, a.check_T, a.r)
@@ -110,6 +151,12 @@ def main(argv=None):
             raise AssertionError(f"{kind}: CtM differs from the dense route at T={a.check_T}: {err:.2e}")
         print(f"{kind}: CtM vs dense fp64 route at m={a.check_m}, T={a.check_T}: relative error {err:.1e}",
               flush=True)
+        sw_f, sw_d, diff = check_routes(kind, a.check_m, a.check_T, a.r)
+        route_checks[kind] = {"sweeps_factored": sw_f, "sweeps_dense": sw_d, "tight_relerr": diff}
+        if diff > 1e-8:
+            raise AssertionError(f"{kind}: factored top-r route differs from the dense one at tight tol: {diff:.2e}")
+        print(f"{kind}: factored vs dense top-r route at m={a.check_m}, T={a.check_T}: sweeps {sw_f} / {sw_d}, "
+              f"tight-tol merged update differs by {diff:.1e}", flush=True)
         for T in map(int, a.T.split(",")):
             for method in a.methods.split(","):
                 row = {"kind": kind, "m": a.m, "T": T, "r": a.r, "R": T * a.r, "method": method}
@@ -118,7 +165,7 @@ def main(argv=None):
                 else:
                     try:
                         res = subprocess.run([sys.executable, __file__, "--child", method, kind, str(a.m), str(T),
-                                              str(a.r)], capture_output=True, text=True, timeout=a.timeout)
+                                              str(a.r), str(a.threads)], capture_output=True, text=True, timeout=a.timeout)
                         if res.returncode == 0:
                             row.update(json.loads(res.stdout.strip().splitlines()[-1]), status="ok")
                         else:
@@ -126,15 +173,15 @@ def main(argv=None):
                     except subprocess.TimeoutExpired:
                         row["status"] = f"over {a.timeout:g} s"
                 rows.append(row)
-                write_json(name, {**header(), "args": vars(a), "check_relerr": checks, "rows": rows}, a.out)
-                print(table([row], ["kind", "m", "T", "R", "method", "seconds", "peak_mib", "sweeps", "status"]),
+                write_json(name, {**header(), "args": vars(a), "check_relerr": checks, "route_check": route_checks, "rows": rows}, a.out)
+                print(table([row], ["kind", "m", "T", "R", "method", "seconds", "peak_mib", "sweeps", "solves", "status"]),
                       flush=True)
     exps = {f"{kind}/{meth}": {"time": growth([r for r in rows if r["kind"] == kind], meth, "seconds"),
                                "memory": growth([r for r in rows if r["kind"] == kind], meth, "peak_mib")}
             for kind in a.kinds.split(",") for meth in a.methods.split(",")}
     print("\n" + table(rows, ["kind", "m", "T", "R", "method", "seconds", "peak_mib", "sweeps", "status"]))
     print("growth exponents in T (least squares over finished runs):", json.dumps(exps))
-    path = write_json(name, {**header(), "args": vars(a), "check_relerr": checks, "rows": rows,
+    path = write_json(name, {**header(), "args": vars(a), "check_relerr": checks, "route_check": route_checks, "rows": rows,
                              "growth_exponents": exps}, a.out)
     print(f"wrote {path}")
 

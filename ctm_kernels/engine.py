@@ -9,8 +9,9 @@ and the only passes over the factors are ``ops.gram`` (``G_B = Bh^T Bh``, ``G_A 
 and ``ops.lift`` (the output factors). In between, everything is small (``R x R`` and less)
 and runs in float64:
 
-* whitening: ``G_B = Q diag(lam) Q^T``, ``Rb = diag(sqrt(lam)) Q^T`` (``R x R``), so that
-  ``Bh = Ob Rb`` with ``Ob`` orthonormal; likewise ``Ra`` for ``Ah^T``. Then
+* whitening: any square root ``Rb`` of ``G_B`` (``Rb^T Rb = G_B``, ``R x R``: the Cholesky
+  factor, or ``diag(sqrt(lam)) Q^T`` from ``G_B = Q diag(lam) Q^T`` for rank-deficient Grams),
+  so that ``Bh = Ob Rb`` with ``Ob`` orthonormal; likewise ``Ra`` for ``Ah^T``. Then
   ``dW_t = Ob (Rb_t Ra_t^T) Oa^T`` and the Tucker-2 problem of DESIGN section 2 becomes the
   same problem on the small cores ``Rb_t Ra_t^T``, with orthonormal ``U' = Ob^T U``.
 * HOSVD init and HOOI half-steps: ``Z = [Rb_t (c_t Ra_t^T V')]_t`` (``R x T r``), ``U'`` =
@@ -21,7 +22,7 @@ and runs in float64:
   never the fixed point: it stops on the plain HOOI step taken from the current point, with
   the same ``tol``. ``accelerate=False`` follows the reference iteration step for step.
 * coordinates ``C_t = Phi^T G_B[:, t] G_A[t, :] Psi`` (``ops.project``), with
-  ``Phi = Q diag(lam^-1/2) U'`` so that ``U = Bh Phi``.
+  ``Phi = Rb^-1 U'`` so that ``U = Bh Phi``.
 * rule, then ``C = X S Y^T`` and the lift ``B = Bh (Phi X S^1/2)``,
   ``A = (S^1/2 Y^T Psi^T) Ah``.
 
@@ -40,6 +41,7 @@ from .ops import eig as eig_op
 from .ops import gram as gram_op
 from .ops import lift as lift_op
 from .ops import project as project_op
+from .ops import topr as topr_op
 from .reference import (DEFAULT_TOL, ENERGY_WINDOW, NULL_RTOL, STOP_TESTS, canonical_signs, energy_left,
                         sin_angle, subspace_weights)
 from .reference import balanced_factors as ref_balanced_factors
@@ -200,8 +202,9 @@ class _Side:
     (never formed), ``F`` the scaled ``Bh`` ``[L, d, R]`` or ``Ah^T``.
 
     ``Rf [L, k, R]`` (``Rf^T Rf = F^T F``, dropped directions as zero rows), ``W [L, R, k]``
-    with ``F W = O`` on the kept directions, ``blocks [L, T, rb, rb]`` the diagonal blocks
-    of ``F^T F`` and ``G [L, R, R]`` the whole Gram where it was built."""
+    (a tensor, or :class:`_PseudoInverse`: only ``W @ U`` is used) with ``F W = O`` on the
+    kept directions, ``blocks [L, T, rb, rb]`` the diagonal blocks of ``F^T F`` and
+    ``G [L, R, R]`` the whole Gram where it was built."""
     Rf: torch.Tensor
     W: torch.Tensor
     blocks: torch.Tensor
@@ -215,69 +218,110 @@ def _diag_blocks(G, T):
     return G.reshape(L, T, rb, T, rb)[:, idx, :, idx].permute(1, 0, 2, 3)   # [L, T, rb, rb]
 
 
+# A Cholesky pivot is the squared distance of a column of F to the span of the columns before
+# it, and never below the Gram's smallest eigenvalue. A layer whose pivots all exceed this
+# share of the largest diagonal entry (1e3 above the float64 WHITEN_RTOL) is whitened by the
+# Cholesky factor; one with a smaller pivot (duplicates, rank-deficient sets) by the
+# eigendecomposition, which drops the directions below WHITEN_RTOL. Measured at R = 2048:
+# Cholesky 0.13 s, eigh 2.2 s (float64, one thread).
+CHOL_MIN_PIVOT = 1e-10
+
+
+def _gram_root(G, rtol):
+    """A square root of the Gram ``G [L, R, R]``: ``Rf [L, R, R]`` with ``Rf^T Rf = G`` (up to
+    the directions below ``rtol``, dropped as zero rows) and ``W [L, R, R]`` with ``Rf W`` the
+    identity on the kept directions. Cholesky (``Rf`` upper triangular, ``W = Rf^-1``) where
+    every pivot passes ``CHOL_MIN_PIVOT``, else ``G = Q diag(lam) Q^T``, ``Rf = diag(sqrt lam)
+    Q^T``. Exactly zero columns of ``F`` (rank padding, zero adapters) get zero rows of ``Rf``
+    and zero columns of ``W`` on either route."""
+    L, R, _ = G.shape
+    diag = G.diagonal(dim1=-2, dim2=-1)
+    zero = diag <= 0
+    # a zero column is its own block of G: a unit diagonal there leaves the others' factor as it is
+    Lc, info = torch.linalg.cholesky_ex(G + torch.diag_embed(zero.to(G.dtype)))
+    pivots = Lc.diagonal(dim1=-2, dim2=-1) ** 2
+    ok = (info == 0) & ((pivots > CHOL_MIN_PIVOT * diag.amax(-1, keepdim=True)) | zero).all(-1)
+    live = (~zero).to(G.dtype)
+    eye = torch.eye(R, dtype=G.dtype, device=G.device).expand(L, R, R)
+    Rf = Lc.mT * live[:, :, None]
+    W = torch.linalg.solve_triangular(Lc.mT, eye, upper=True) * live[:, None, :]
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(1)
+        lam, Q = eig_op.eigh_batched(G[bad])
+        keep = lam > rtol * lam[:, -1:].clamp(min=0)
+        root = torch.where(keep, lam.clamp(min=0).sqrt(), 0.0)
+        inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
+        Rf[bad], W[bad] = (Q * root[:, None, :]).mT, Q * inv[:, None, :]
+    return Rf, W
+
+
 def _whiten_inner(G, T, rtol):
-    """From the ``R x R`` Gram: ``G = Q diag(lam) Q^T``, ``Rf = diag(sqrt lam) Q^T``."""
-    lam, Q = eig_op.eigh_batched(G)
-    keep = lam > rtol * lam[:, -1:].clamp(min=0)
-    root = torch.where(keep, lam.clamp(min=0).sqrt(), 0.0)
-    inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
-    return _Side((Q * root[:, None, :]).mT, Q * inv[:, None, :], _diag_blocks(G, T), G)
+    """From the ``R x R`` Gram ``G = F^T F``: ``Rf`` any square root of it (:func:`_gram_root`)."""
+    Rf, W = _gram_root(G, rtol)
+    return _Side(Rf, W, _diag_blocks(G, T), G)
+
+
+class _PseudoInverse:
+    """``W = F^T (F F^T)^+`` ``[L, R, d]`` kept as factors, ``(F F^T)^+ = Wd Wd^T``: ``F W`` is the
+    identity on ``F``'s range, and ``W @ U`` costs ``O(d (d + R) r)`` instead of building
+    ``[R, d]`` (``2 d^2 R`` FLOPs and 128 MiB at d = 2048, R = 8192)."""
+
+    def __init__(self, F, Wd):
+        self.F, self.Wd = F, Wd
+
+    def __matmul__(self, U):
+        return self.F.mT @ (self.Wd @ (self.Wd.mT @ U))
 
 
 def _whiten_outer(F, T, rtol):
-    """From the ``d x d`` outer Gram when ``R > d``: ``F F^T = O diag(lam) O^T``,
-    ``Rf = O^T F`` (``[L, d, R]``): memory ``O(d R)``, no ``R x R`` matrix."""
+    """When ``R > d``: ``F [L, d, R]`` is already a square root of ``F^T F`` (``O`` the identity
+    of ``R^d``), so ``Rf = F`` and the whitened coordinates are the layer's own; only ``W``
+    needs the ``d x d`` outer Gram. Memory ``O(d R)``, no ``R x R`` matrix."""
     L, d, R = F.shape
-    lam, O = eig_op.eigh_batched(F @ F.mT)
-    keep = lam > rtol * lam[:, -1:].clamp(min=0)
-    Rf = (O * keep[:, None, :]).mT @ F                                     # [L, d, R]
-    inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+    Wd = _gram_root(F @ F.mT, rtol)[1]
     rb = R // T
-    Fb = Rf.reshape(L, d, T, rb).permute(0, 2, 1, 3)                       # [L, T, d, rb]
-    return _Side(Rf, Rf.mT * inv[:, None, :], Fb.mT @ Fb, None)
+    Fb = F.reshape(L, d, T, rb).permute(0, 2, 1, 3)                       # [L, T, d, rb]
+    return _Side(F, _PseudoInverse(F, Wd), Fb.mT @ Fb, None)
 
 
-# Top-r eigensolves of M = Z Z^T ([L, k, k]) are dense up to this k, then a warm-started
-# block Krylov method on Z that never forms M (O(k p b) per product instead of O(k^2 p)).
-# Its inexact solves slow HOOI down, measured (r=16): 1024^2, T=64 (k = 1024): dense 11.1 s
-# / 19 sweeps, Krylov 35 s / 304 sweeps (tighter inner tolerances took 63-84 s); structured
-# 2048^2, T=128 (k = 2048): dense 19 s / 3 sweeps, Krylov 277 s / 555 sweeps.
-DENSE_MAX_K = 2048
-KRYLOV_INNER_MAX = 60
-KRYLOV_STEP_SHARE = 1e-3  # inner tolerance as a share of the last HOOI step
+# Top-r eigensolves of M = Z Z^T ([L, k, k]): dense (Z Z^T and a full eigh) or the factored
+# block Krylov of ops/topr.py, chosen per solve by the cost model of ops/topr.py (constants
+# measured on this CPU; see WARM_STEPS below). The factored solve goes down to a dense
+# solve's accuracy, not to a share of the HOOI step: an earlier Krylov route that stopped at
+# such a share (this constant, still passed as inner_tol by the subspace solver and not used
+# by the solves) took 304 sweeps where the dense one took 19 (docs/DESIGN.md section 8).
+KRYLOV_STEP_SHARE = 1e-3
+TOP_R_ROUTE = "auto"        # or "dense" / "factored" (the latter up to FORCED_STEPS): tests, benchmarks
+# Factored steps a solve is expected to need: from the previous HOOI iterate 1-3 on gaussian
+# sets, 5-13 on structured ones (benchmarks/bench_many.py, 2048^2, T = 128: 67 steps for 7
+# float64 solves, mean 9.6; their gap lambda_16 / lambda_17 is 1.004-1.007), from seeded
+# random vectors (the HOSVD init) 14 (benchmarks/bench_topr.py). A solve goes factored when
+# the cost model affords at least these many steps, and turns dense as soon as its residuals'
+# measured rate predicts more further steps than a dense solve costs (or after three times
+# that many). With 3 here, structured 2048^2 at T = 512 (a dense solve = 5 float64 steps of
+# the solver of that time) paid 3 steps before turning dense in 7 of 9 half-steps.
+WARM_STEPS = 10
+COLD_STEPS = 16
+FORCED_STEPS = 500
 
 
-def _top_r(Z, r, X0=None, inner_tol=1e-10):
+def _top_r(Z, r, X0=None, inner_tol=None):
     """Top-``r`` eigenpairs of ``Z Z^T`` for ``Z [L, k, p]`` -> (``[L, r]`` descending,
-    ``[L, k, r]`` with null columns zeroed)."""
-    L, k, _ = Z.shape
-    if k <= DENSE_MAX_K or X0 is None:
-        w, U = eig_op.topk_eigh(Z @ Z.mT, r)
+    ``[L, k, r]`` with null columns zeroed); ``X0 [L, k, r]``: a warm start for the factored
+    route (seeded random without). ``inner_tol`` is accepted for the subspace solver's calls
+    and not used: both routes solve to rounding."""
+    L, k, p = Z.shape
+    budget = int(topr_op.dense_seconds(k, p, Z.dtype) /
+                 topr_op.factored_step_seconds(k, p, min(k, r + topr_op.GUARD), topr_op.DEPTH, Z.dtype))
+    expected = WARM_STEPS if X0 is not None else COLD_STEPS
+    if TOP_R_ROUTE == "factored" or (TOP_R_ROUTE == "auto" and budget >= expected):
+        forced = TOP_R_ROUTE == "factored"
+        w, U, _, _ = topr_op.top_r_factored(Z, r, X0, max_steps=FORCED_STEPS if forced else 3 * budget,
+                                            dense_steps=None if forced else budget)
     else:
-        w, U = _krylov_top_r(Z, r, X0, inner_tol)
+        w, U = topr_op.top_r_dense(Z, r)
     live = w > NULL_RTOL * w[:, :1].clamp(min=0)
     return w, U * live[:, None, :]
-
-
-def _krylov_top_r(Z, r, X0, inner_tol):
-    """Block Krylov (``[X, M X]``, Rayleigh-Ritz) for the top-``r`` eigenpairs of ``M = Z Z^T``,
-    started from ``X0 [L, k, r]``: one product of ``M`` with ``2r`` columns per step (``M X``
-    of the next step is ``(M Q) S``); stops when every Ritz residual ``||M x - theta x||`` is
-    below ``inner_tol`` times the largest Ritz value."""
-    mat = lambda X: Z @ (Z.mT @ X)
-    X = torch.linalg.qr(X0)[0]
-    MX = mat(X)
-    for _ in range(KRYLOV_INNER_MAX):
-        Q = torch.linalg.qr(torch.cat([X, MX], -1))[0]                   # [L, k, 2r]
-        MQ = mat(Q)
-        H = Q.mT @ MQ
-        w, S = torch.linalg.eigh((H + H.mT) / 2)
-        w, S = w.flip(-1)[:, :r], S.flip(-1)[:, :, :r]
-        X, MX = Q @ S, MQ @ S
-        resid = torch.linalg.vector_norm(MX - X * w[:, None, :], dim=-2)   # [L, r]
-        if bool((resid <= inner_tol * w[:, :1].abs().clamp(min=1e-300)).all()):
-            break
-    return w, X
 
 
 def blockwise(Rx, Y):
@@ -297,9 +341,10 @@ def half_step_images(Rx, Ry, V, T):
     return blockwise(Rx, (Ry.mT @ V).reshape(L, T, R // T, -1))
 
 
-def _half_step(Rx, Ry, V, T, rank, X0=None, inner_tol=1e-10):
+def _half_step(Rx, Ry, V, T, rank, X0=None, inner_tol=None):
     """Top-``rank`` eigenvectors of ``Z Z^T`` (:func:`half_step_images`) -> (eigenvalues
-    ``[L, r]``, ``U [L, k, r]``, null columns zero)."""
+    ``[L, r]``, ``U [L, k, r]``, null columns zero); ``X0``: the previous iterate (warm start),
+    ``inner_tol``: not used (:func:`_top_r`)."""
     return _top_r(half_step_images(Rx, Ry, V, T), rank, X0, inner_tol)
 
 
@@ -307,15 +352,10 @@ def _hosvd(Rx, blocks_other, c, rank):
     """HOSVD init: top eigenvectors of ``sum_t c_t^2 B_t (A_t A_t^T) B_t^T`` in whitened
     coordinates, ``Rx blockdiag(c_t^2 G_other[t, t]) Rx^T = Z Z^T`` with
     ``Z = [Rx_t c_t S_t]_t``, ``S_t`` the symmetric square root of ``G_other[t, t]``."""
-    L, k, _ = Rx.shape
     lam, Q = torch.linalg.eigh(blocks_other)                     # [L, T, rb], [L, T, rb, rb]
     root = (Q * lam.clamp(min=0).sqrt()[..., None, :]) @ Q.mT * c[:, :, None, None]
     Z = blockwise(Rx, root)                                      # [L, k, R]
-    X0 = None
-    if k > DENSE_MAX_K:   # a seeded random start: the same on every run and device
-        g = torch.Generator().manual_seed(0)
-        X0 = torch.randn((L, k, rank), generator=g, dtype=Z.dtype).to(Z.device)
-    return _top_r(Z, rank, X0)[1]
+    return _top_r(Z, rank)[1]     # a factored solve starts from seeded random vectors
 
 
 def _orthonormal(X):
