@@ -93,7 +93,7 @@ def check_routes(kind, m, T, r):
     for route in ("factored", "dense"):
         engine.TOP_R_ROUTE = route
         default = ck.merge_layer(A, B, rank=r, method="sum")
-        tight = ck.merge_layer(A, B, rank=r, method="sum", tol=1e-9, max_iter=3000)
+        tight = ck.merge_layer(A, B, rank=r, method="sum", stop="subspace", tol=1e-9, max_iter=3000)
         out[route] = (default.info.iterations, tight.B.double() @ tight.A.double())
     engine.TOP_R_ROUTE = "auto"
     diff = ((out["factored"][1] - out["dense"][1]).norm() / out["dense"][1].norm()).item()

@@ -339,4 +339,6 @@ def test_stop_option_reaches_the_engine(tmp_path):
         assert proc.returncode == 0, proc.stderr
         data = json.loads(report.read_text())
         assert set(data["stopped_by"]) == {stop}, data["stopped_by"]
+        assert len(data["share_after_rule"]) == len(adapters)
+        assert all(0 < s < 1.5 for s in data["share_after_rule"]), data["share_after_rule"]
         assert f"stop: {stop}" in (out / "ctm_merge.yaml").read_text()       # the resolved config records it

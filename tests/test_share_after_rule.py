@@ -33,7 +33,7 @@ def dense_share(A, B, merged, scales, weights):
 def test_share_matches_dense_definition(method, params, scale, backend):
     A, B = adapters(zero=2)
     scales, weights = [2.0, 0.5, 1.0, 1.0], [1.0, 0.8, 1.0, 1.3]
-    plan = ctm_kernels.prepare(A, B, rank=5, scales=scales, weights=weights, tol=1e-10, backend=backend)
+    plan = ctm_kernels.prepare(A, B, rank=5, scales=scales, weights=weights, stop="subspace", tol=1e-10, backend=backend)
     out = plan.merge(method, scale=scale, **params)
     want = dense_share(A, B, out.delta, scales, weights)
     got = torch.tensor(out.share_after_rule, dtype=F64)
@@ -46,7 +46,7 @@ def test_share_matches_dense_definition(method, params, scale, backend):
 
 def test_share_in_batched_merge():
     layers = [adapters(seed=s) for s in (1, 2, 3)]
-    outs = ctm_kernels.merge_layers(layers, rank=4, method="ties", top_k=0.5, scale=1.2, tol=1e-10)
+    outs = ctm_kernels.merge_layers(layers, rank=4, method="ties", top_k=0.5, scale=1.2, stop="subspace", tol=1e-10)
     for (A, B), out in zip(layers, outs):
         want = dense_share(A, B, out.delta, None, None)
         assert torch.allclose(torch.tensor(out.share_after_rule, dtype=F64), want, rtol=1e-9, atol=1e-12)

@@ -42,6 +42,6 @@ def merge_group(plan: MergePlan, gi: int, factors: Factors) -> list[MergedModule
         info = res.info
         merged.append(MergedModule(e.name, spec.kind, A, B, {
             "iterations": info.iterations, "converged": info.converged, "stopped_by": info.stopped_by,
-            "energy_kept": list(info.energy_kept),
+            "energy_kept": list(info.energy_kept), "share_after_rule": list(res.share_after_rule),
             "norms": [nu / f for nu in info.norms], "adapters": [i for i, _ in e.specs]}))
     return merged

@@ -50,7 +50,9 @@ class MergeResult:
 
     ``energy_kept[t]`` is the share of adapter t's update (its ``sum ||dW_t||_F^2`` over the
     modules it adapts) that lies in the merged subspaces: per module the engine's
-    ``energy_kept``, aggregated weighted by ``||dW_t||_F^2``.
+    ``energy_kept``, aggregated weighted by ``||dW_t||_F^2``. ``share_after_rule[t]`` is what
+    survives the rule: ``sum <dW_t, dW> / sum ||dW_t||_F^2`` over those modules (1: the merged
+    update carries adapter t at full strength).
 
     When the merge wrote its output (``output`` set), the modules' factors are meta tensors
     (shapes and dtypes only): the data is in the written file."""
@@ -63,6 +65,7 @@ class MergeResult:
     energy_kept: list[float]
     seconds: float
     plan: MergePlan | None = field(repr=False, default=None)
+    share_after_rule: list[float] = field(default_factory=list)
     stats: MergeStats = field(default_factory=lambda: MergeStats())
     output: Path | None = None
     format: str | None = None
@@ -178,11 +181,12 @@ class MergeResult:
             f"subspace iterations per module: mean {sum(its) / max(1, len(its)):.1f}, max {max(its, default=0)}, "
             f"stop test {self.plan.engine['stop'] if self.plan is not None else '?'}"
             + (f"; {_plural(unconverged, 'module')} stopped at max_iter before it passed" if unconverged else ""),
-            "share of each adapter's update kept in the merged subspace:",
+            "share of each adapter's update kept: in the merged subspace / in the merged update (after the rule):",
         ]
         width = max(len(a) for a in self.adapters)
-        for label, kept in zip(self.adapters, self.energy_kept):
-            lines.append(f"  {label:<{width}}  {100 * kept:6.2f} %")
+        shares = self.share_after_rule or [float("nan")] * len(self.adapters)
+        for label, kept, share in zip(self.adapters, self.energy_kept, shares):
+            lines.append(f"  {label:<{width}}  {100 * kept:6.2f} %  {100 * share:7.2f} %")
         st = self.stats
         procs = f" on {st.world_size} processes" if st.world_size > 1 else ""
         lines.append(f"{_plural(st.groups, 'module group')}{procs}; read {st.bytes_read / 2**20:,.1f} MiB of factors "
@@ -202,7 +206,8 @@ class MergeResult:
         """The summary as plain data (what ``ctm merge --report`` writes)."""
         its = [mm.info.get("iterations", 0) for mm in self.modules]
         return {
-            "adapters": list(self.adapters), "energy_kept": list(self.energy_kept), "rank": self.rank,
+            "adapters": list(self.adapters), "energy_kept": list(self.energy_kept),
+            "share_after_rule": list(self.share_after_rule), "rank": self.rank,
             "method": self.method, "params": dict(self.params), "modules": len(self.modules),
             "iterations_mean": sum(its) / max(1, len(its)), "iterations_max": max(its, default=0),
             "unconverged": sum(1 for mm in self.modules if not mm.info.get("converged", True)),

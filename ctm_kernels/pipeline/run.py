@@ -125,6 +125,11 @@ def execute(plan: MergePlan, *, progress=False, prefetch: bool = True, distribut
             kept_num[i] += kept * nu * nu
             kept_den[i] += nu * nu
     result.energy_kept = [kept_num[i] / kept_den[i] if kept_den[i] > 0 else 0.0 for i in range(T)]
+    share_num = [0.0] * T
+    for mm in result.modules:
+        for i, share, nu in zip(mm.info["adapters"], mm.info["share_after_rule"], mm.info["norms"]):
+            share_num[i] += share * nu * nu
+    result.share_after_rule = [share_num[i] / kept_den[i] if kept_den[i] > 0 else 0.0 for i in range(T)]
     result.seconds = time.perf_counter() - t0
     return result
 
