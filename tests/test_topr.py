@@ -126,3 +126,23 @@ def test_a_slow_solve_turns_dense_early():
     assert torch.equal(U, U0)
     fast = topr.top_r_factored(Z, 8, guard=8, depth=2, max_steps=60, dense_steps=50)
     assert bool(fast[3].all())
+
+
+def test_dense_solve_survives_a_float32_eigensolver_failure(monkeypatch):
+    """float32 LAPACK eigh did not converge on a rank-padded set with R > m (a 210 x 210
+    ``Z Z^T`` with 105 zero rows); the solve is redone in float64 and matches it."""
+    g = torch.Generator().manual_seed(3)
+    Z = torch.zeros(1, 210, 84, dtype=torch.float64)
+    Z[:, :105] = torch.randn(1, 105, 84, generator=g, dtype=torch.float64)
+    want_w, want_U = topr.top_r_dense(Z, 6)
+    solve = topr.eigh_batched
+
+    def failing_in_float32(M):
+        if M.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return solve(M)
+    monkeypatch.setattr(topr, "eigh_batched", failing_in_float32)
+    w, U = topr.top_r_dense(Z.float(), 6)
+    assert w.dtype == torch.float32 and U.dtype == torch.float32
+    assert torch.allclose(w.double(), want_w, rtol=1e-5)
+    assert float((U.double() @ U.double().mT - want_U @ want_U.mT).norm()) <= 1e-4

@@ -65,8 +65,16 @@ def factored_step_seconds(k, p, b, depth, dtype):
 def top_r_dense(Z, r):
     """``Z [L, k, p]`` -> the top-``r`` eigenpairs of ``Z Z^T``: (``[L, r]`` descending,
     ``[L, k, r]``); the eigensolve is :func:`ops.eig.eigh_batched` (the compiled Jacobi where it
-    was measured faster)."""
-    w, U = eigh_batched(Z @ Z.mT)
+    was measured faster). A float32 eigensolve that fails to converge is redone in float64:
+    LAPACK's float32 solver failed on a 210 x 210 ``Z Z^T`` with 105 zero rows (a rank-padded
+    set with R > m), which float64 solves."""
+    M = Z @ Z.mT
+    try:
+        w, U = eigh_batched(M)
+    except torch.linalg.LinAlgError:
+        if M.dtype == torch.float64:
+            raise
+        w, U = (X.to(M.dtype) for X in eigh_batched(M.double()))
     return w.flip(-1)[:, :r], U.flip(-1)[..., :r]
 
 
