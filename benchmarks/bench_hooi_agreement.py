@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ctm_kernels as ck  # noqa: E402
-from ctm_kernels.testing import hooi_case  # noqa: E402
+from ctm_kernels.testing import hooi_case, total_energy_kept  # noqa: E402
 
 from common import header, write_json  # noqa: E402
 
@@ -42,8 +42,7 @@ def _rel(x, ref):
 
 
 def _total_kept(info):
-    nu2 = torch.tensor(info.norms, dtype=torch.float64) ** 2
-    return float((torch.tensor(info.energy_kept, dtype=torch.float64) * nu2).sum() / nu2.sum().clamp(min=1e-300))
+    return total_energy_kept(info.energy_kept, info.norms)
 
 
 def run_case(i: int, energy: bool) -> dict:

@@ -288,9 +288,7 @@ def _whiten_outer(F, T, rtol):
 # block Krylov of ops/topr.py, chosen per solve by the cost model of ops/topr.py (constants
 # measured on this CPU; see WARM_STEPS below). The factored solve goes down to a dense
 # solve's accuracy, not to a share of the HOOI step: an earlier Krylov route that stopped at
-# such a share (this constant, still passed as inner_tol by the subspace solver and not used
-# by the solves) took 304 sweeps where the dense one took 19 (docs/DESIGN.md section 8).
-KRYLOV_STEP_SHARE = 1e-3
+# 1e-3 of the step took 304 sweeps where the dense one took 19 (docs/DESIGN.md section 8).
 TOP_R_ROUTE = "auto"        # or "dense" / "factored" (the latter up to FORCED_STEPS): tests, benchmarks
 # Factored steps a solve is expected to need: from the previous HOOI iterate 1-3 on gaussian
 # sets, 5-13 on structured ones (benchmarks/bench_many.py, 2048^2, T = 128: 67 steps for 7
@@ -305,11 +303,10 @@ COLD_STEPS = 16
 FORCED_STEPS = 500
 
 
-def _top_r(Z, r, X0=None, inner_tol=None):
+def _top_r(Z, r, X0=None):
     """Top-``r`` eigenpairs of ``Z Z^T`` for ``Z [L, k, p]`` -> (``[L, r]`` descending,
     ``[L, k, r]`` with null columns zeroed); ``X0 [L, k, r]``: a warm start for the factored
-    route (seeded random without). ``inner_tol`` is accepted for the subspace solver's calls
-    and not used: both routes solve to rounding."""
+    route (seeded random without). Both routes solve to rounding."""
     L, k, p = Z.shape
     budget = int(topr_op.dense_seconds(k, p, Z.dtype) /
                  topr_op.factored_step_seconds(k, p, min(k, r + topr_op.GUARD), topr_op.DEPTH, Z.dtype))
@@ -341,11 +338,10 @@ def half_step_images(Rx, Ry, V, T):
     return blockwise(Rx, (Ry.mT @ V).reshape(L, T, R // T, -1))
 
 
-def _half_step(Rx, Ry, V, T, rank, X0=None, inner_tol=None):
+def _half_step(Rx, Ry, V, T, rank, X0=None):
     """Top-``rank`` eigenvectors of ``Z Z^T`` (:func:`half_step_images`) -> (eigenvalues
-    ``[L, r]``, ``U [L, k, r]``, null columns zero); ``X0``: the previous iterate (warm start),
-    ``inner_tol``: not used (:func:`_top_r`)."""
-    return _top_r(half_step_images(Rx, Ry, V, T), rank, X0, inner_tol)
+    ``[L, r]``, ``U [L, k, r]``, null columns zero); ``X0``: the previous iterate (warm start)."""
+    return _top_r(half_step_images(Rx, Ry, V, T), rank, X0)
 
 
 def _hosvd(Rx, blocks_other, c, rank):
@@ -479,7 +475,6 @@ class _HOOISolve:
         self.ops = {"b": Rb, "a": Ra, "bc": Rb * cc, "ac": Ra * cc}
         self.low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
         self.stop, self.tol, self.accelerate = stop, tol, accelerate
-        self.inner_tol = min(1e-10, tol * 1e-3) if stop == "subspace" else 1e-10
         dev = Rb.device
         self.U = _hosvd(Rb, side_a.blocks, c, self.r)
         self.V = _hosvd(Ra, side_b.blocks, c, self.r)
@@ -514,7 +509,7 @@ class _HOOISolve:
         self.rate = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)   # plain contraction at opening
 
     # -- phase: one half-step ------------------------------------------------------------
-    def _half(self, u_side, Vin, X0, mask, inner):
+    def _half(self, u_side, Vin, X0, mask):
         """Half-step of the layers in ``mask`` (each in its phase's dtype); the others keep
         ``X0``. Returns the new basis ``[L, k, r]`` and, per layer, the objective ``f`` of the
         new basis paired with ``Vin``, in float64. A layer whose half-step is too
@@ -533,7 +528,7 @@ class _HOOISolve:
             idx = sel.nonzero().squeeze(1)
             take = (lambda X: X) if len(idx) == self.L else (lambda X: X[idx])   # no gather for a full batch
             w, Uh = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), self.T, self.r,
-                               take(X0).to(Rx.dtype), inner)
+                               take(X0).to(Rx.dtype))
             if in_fast:
                 spread = w[:, 0].to(SOLVE_DTYPE) / w[:, -1].to(SOLVE_DTYPE).clamp(min=1e-300)
                 ok = spread <= FAST_MAX_SPREAD
@@ -554,11 +549,11 @@ class _HOOISolve:
         return out, obj
 
     # -- phase: keep an extrapolation only if it does at least as well as the plain image ---
-    def _monotone(self, U1, fa, active, inner):
+    def _monotone(self, U1, fa, active):
         reject = active & self.extrapolated & (fa < self.f - MONOTONE_SLACK * self.f.abs())
         if bool(reject.any()):
             self.x = torch.where(reject[:, None, None], self.V, self.x)
-            U1r, far = self._half(True, self.x, U1, reject, inner)
+            U1r, far = self._half(True, self.x, U1, reject)
             U1 = torch.where(reject[:, None, None], U1r, U1)
             fa = torch.where(reject, far, fa)
             self.extrapolated &= ~reject
@@ -615,13 +610,11 @@ class _HOOISolve:
     def sweep(self):
         active = ~self.done
         was_fast = self.fast.clone()
-        # iterative solves need only be accurate next to how far HOOI still moves
-        inner = max(self.inner_tol, KRYLOV_STEP_SHARE * float(self.steps[active].min()))
-        U1, fa = self._half(True, self.x, self.U, active, inner)
+        U1, fa = self._half(True, self.x, self.U, active)
         if self.accelerate:
-            U1, fa = self._monotone(U1, fa, active, inner)
+            U1, fa = self._monotone(U1, fa, active)
         from_plain = active & ~self.extrapolated
-        V1, fb = self._half(False, U1, self.V, active, inner)
+        V1, fb = self._half(False, U1, self.V, active)
         step_v = sin_angle(self.x, V1)
         if self.accelerate:
             # U's step is the plain HOOI one from the current point, V1 -> U(V1); it is only
@@ -630,7 +623,7 @@ class _HOOISolve:
             if self.stop == "subspace":
                 check = active & ~was_fast & (step_v <= self.tol)
                 if bool(check.any()):
-                    U2, _ = self._half(True, V1, U1, check, inner)
+                    U2, _ = self._half(True, V1, U1, check)
                     step = torch.where(check, torch.maximum(step_v, sin_angle(U1, U2)), step_v)
         else:
             step = torch.maximum(sin_angle(self.U, U1), step_v)

@@ -17,6 +17,13 @@ import torch
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def total_energy_kept(energy_kept, norms) -> float:
+    """The share of all adapters' energy ``sum_t ||dW_t||^2`` that a solve keeps, from its
+    per-adapter ``energy_kept`` and ``norms`` (as in ``LayerInfo``)."""
+    nu2 = torch.tensor(norms, dtype=torch.float64) ** 2
+    return float((torch.tensor(energy_kept, dtype=torch.float64) * nu2).sum() / nu2.sum().clamp(min=1e-300))
+
+
 @dataclass
 class HooiCase:
     """One random layer: ``A [r_t, n]``, ``B [m, r_t]`` per adapter, ``scales`` and settings."""

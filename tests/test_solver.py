@@ -11,7 +11,7 @@ import torch
 import ctm_kernels as ck
 from ctm_kernels import engine
 from ctm_kernels import reference as ref
-from ctm_kernels.testing import hooi_case
+from ctm_kernels.testing import hooi_case, total_energy_kept
 
 from adapters import relerr
 
@@ -117,8 +117,7 @@ def test_objective_never_decreases(index, monkeypatch):
 
 
 def _total_kept(info):
-    nu2 = torch.tensor(info.norms, dtype=torch.float64) ** 2
-    return float((torch.tensor(info.energy_kept, dtype=torch.float64) * nu2).sum() / nu2.sum())
+    return total_energy_kept(info.energy_kept, info.norms)
 
 
 @pytest.mark.parametrize("index", range(ENERGY_CASES), ids=_label)
