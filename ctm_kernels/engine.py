@@ -408,13 +408,18 @@ class _Anderson:
         dG = G.diff(dim=-1) * valid[:, None, :]
         # regularised normal equations: the differences become nearly collinear at convergence
         H = dF.mT @ dF
-        eps = 1e-12 * H.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-300)
+        # a layer with fewer than two iterates since its last restart has no difference yet
+        # (H = 0): its ridge is 1, not a subnormal that turns the solve into NaN, which would
+        # count as wild, restart the layer again and keep its accelerator off for good
+        trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)
+        eps = torch.where(trace > 0, 1e-12 * trace, 1.0)
         H = H + eps[:, None, None] * torch.eye(k - 1, dtype=H.dtype, device=H.device)
         gamma = torch.linalg.solve(H, dF.mT @ F[..., -1:])          # [L, k-1, 1]
         nxt = (G[..., -1:] - dG @ gamma).reshape(x.shape)
-        wild = ~torch.isfinite(nxt).all(-1).all(-1) | (gamma.abs().amax((-2, -1)) > 1e4)
+        young = self.age < 2
+        wild = ~young & (~torch.isfinite(nxt).all(-1).all(-1) | (gamma.abs().amax((-2, -1)) > 1e4))
         self.age = torch.where(wild, 0, self.age)
-        plain = hold | wild | (self.age < 2)
+        plain = hold | wild | young
         Q, _ = torch.linalg.qr(torch.where(plain[:, None, None], g, nxt))
         return torch.where(plain[:, None, None], g, Q), ~plain
 
@@ -485,11 +490,11 @@ class _HOOISolve:
         self.done = torch.zeros(L, dtype=torch.bool, device=dev)
         self.stopped_by = ["max_iter"] * L
         self.steps = torch.full((L,), math.inf, dtype=SOLVE_DTYPE, device=dev)
-        # the energy test: relative objective gains and the largest change of an adapter's
-        # energy kept over the last sweeps (newest last), and the energies kept
+        # the energy test: relative objective gains and the signed relative changes of the
+        # total energy kept over the last sweeps (newest last), and that total
         self.gains = torch.full((L, ENERGY_WINDOW), math.nan, dtype=SOLVE_DTYPE, device=dev)
         self.moves = self.gains.clone()
-        self.kept = torch.full((L, T), math.nan, dtype=SOLVE_DTYPE, device=dev)
+        self.kept = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)
         self.nu2 = (side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0)          # [L, T]
         self.fast = torch.full((L,), accelerate and FAST_UNTIL > (tol if stop == "subspace" else 0.0), device=dev)
         # where a layer leaves FAST_DTYPE: well above its steps' rounding, eps * spread, and
@@ -586,17 +591,20 @@ class _HOOISolve:
     # -- phase: the stop tests -----------------------------------------------------------
     def _energy_converged(self, fb, U1, V1, active):
         """Energy test: by :func:`reference.energy_left`, the objective has less than ``tol``
-        (relative) left to gain and no adapter's energy kept will move by more than ``tol``.
-        The objective alone is not enough where the subspace weights differ from 1 (beta < 1
-        with adapters of different norms): it is stationary at the fixed point, an adapter's
-        energy kept is not, and at an objective within 1e-6 the total energy kept was 2e-4
-        from the converged one on such sets."""
+        (relative) left to gain and the total energy kept ``sum_t kept_t ||dW_t||^2 /
+        sum_t ||dW_t||^2`` will move by less than ``tol`` (relative). The objective alone is not
+        enough where the subspace weights differ from 1 (beta < 1 with adapters of different
+        norms): it is stationary at the fixed point, the unweighted total is not, and at an
+        objective within 1e-6 the total energy kept was 2e-4 from the converged one on such
+        sets. Each adapter's own energy kept is not followed: on flat spectra the adapters
+        trade energy back and forth while the total has settled (gaussian 2048^2, T=8: 72
+        sweeps against 43 for the total, both within 1e-6 of the converged total)."""
         gain = ((fb - self.f) / fb.abs().clamp(min=1e-300)).clamp(min=0)
-        kept = self._kept(U1, V1)
-        move = (kept - self.kept).abs().amax(-1)
-        roll = lambda H, x: torch.where(active[:, None], torch.cat([H[:, 1:], x[:, None]], 1), H)
+        kept = (self._kept(U1, V1) * self.nu2).sum(-1) / self.nu2.sum(-1).clamp(min=1e-300)
+        move = (kept - self.kept) / kept.clamp(min=1e-300)
+        roll = lambda H, x: torch.where(active[:, None], torch.cat([H[:, 1:], x[:, None]], 1), H)   # noqa: E731
         self.gains, self.moves = roll(self.gains, gain), roll(self.moves, move)
-        self.kept = torch.where(active[:, None], kept, self.kept)
+        self.kept = torch.where(active, kept, self.kept)
         return torch.maximum(energy_left(self.gains), energy_left(self.moves)) <= self.tol
 
     def _kept(self, U, V):
@@ -825,7 +833,7 @@ class GroupPlan:
         for A, B, s, w in layers:
             dWs = ref_dense_updates(A, B, s, w).to(self.device)
             nu = torch.linalg.matrix_norm(dWs)
-            tk = ref_tucker2(subspace_weights(nu, beta)[:, None, None] * dWs, rank, tol, max_iter, stop=stop)
+            tk = ref_tucker2(subspace_weights(nu, beta)[:, None, None] * dWs, rank, tol, max_iter, stop=stop, norms=nu)
             Ct = tk.U.mT @ dWs @ tk.V
             kept = torch.where(nu > 0, (Ct ** 2).sum((-2, -1)) / (nu ** 2).clamp(min=1e-300), 0.0)
             bases.append((tk.U, tk.V))

@@ -64,20 +64,30 @@ STOP_TESTS = ("energy", "subspace")
 DEFAULT_TOL = {"energy": 1e-6, "subspace": 1e-4}
 ENERGY_WINDOW = 3        # gains the energy test looks back on (two ratios)
 ENERGY_ROUNDING = 1e-13  # relative gains below this, twice in a row, are float64 rounding
+REVERSAL_FACTOR = 10.0   # a damped swing of ratio up to 0.9 moves at most 10x its largest change
 
 
 def energy_left(changes: torch.Tensor) -> torch.Tensor:
     """The energy test's estimate of how much a quantity will still change, from its last
-    changes ``[..., ENERGY_WINDOW]`` (nonnegative, newest last, NaN while unknown) -> ``[...]``.
+    changes ``[..., ENERGY_WINDOW]`` (signed, newest last, NaN while unknown) -> ``[...]``.
 
     A linearly converging sequence whose changes shrink by ``q`` per sweep still moves by
     ``d q / (1 - q)`` after a change ``d``; ``q`` is the largest ratio of successive changes in
     the window (the cautious one). Infinite while the window is not full or the changes do not
-    shrink; zero once the last two changes are at float64 rounding (``ENERGY_ROUNDING``)."""
-    d = changes
+    shrink; zero once the last two changes are at float64 rounding (``ENERGY_ROUNDING``).
+
+    Changes of both signs in the window (above rounding) mean two modes of opposite sign are
+    passing each other, and a small newest change says nothing about what is left: an
+    adapter's energy kept fell by 1.1e-5, rose by 1.1e-6, then rose by 3.5e-6, and the
+    linear estimate at the small change stopped 1.3e-5 short of the converged value
+    (22 x 96, T=2). Such a window estimates ``REVERSAL_FACTOR`` times its largest change."""
+    d = changes.abs()
     q = (d[..., 1:] / d[..., :-1].clamp(min=1e-300)).amax(-1)
     last = d[..., -1]
     left = torch.where(q < 1, torch.maximum(last, last * q / (1 - q).clamp(min=1e-300)), math.inf)
+    signs = torch.where(d > ENERGY_ROUNDING, torch.sign(changes), 0.0)
+    reversal = (signs.amax(-1) > 0) & (signs.amin(-1) < 0)
+    left = torch.where(reversal, REVERSAL_FACTOR * d.amax(-1), left)
     left = torch.where(torch.isnan(d).any(-1), math.inf, left)
     rounding = ~torch.isnan(d[..., -2:]).any(-1) & (d[..., -2:] <= ENERGY_ROUNDING).all(-1)
     return torch.where(rounding, 0.0, left)
@@ -92,13 +102,15 @@ def energy_kept(X: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tens
 
 
 def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int = 1000, *,
-            stop: str = "energy") -> Tucker2:
+            stop: str = "energy", norms: torch.Tensor | None = None) -> Tucker2:
     """Shared subspace of ``X [T, m, n]``: HOSVD init, then plain HOOI until the stop test
     passes or ``max_iter`` sweeps. ``stop="subspace"``: the sine of the largest principal angle
     between successive iterates is <= ``tol`` (default 1e-4) for U and V. ``stop="energy"``:
     by :func:`energy_left`, the objective ``sum_t ||U^T X_t V||^2`` has less than ``tol``
-    (relative) left to gain and no adapter's energy kept (:func:`energy_kept`) will move by
-    more than ``tol`` (default 1e-6)."""
+    (relative) left to gain and the total energy kept, ``sum_t kept_t nu_t^2 / sum_t nu_t^2``
+    with ``kept_t`` from :func:`energy_kept` and ``nu = norms`` (``||dW_t||`` of the unweighted
+    updates; by default the norms of ``X``'s slices), will move by less than ``tol`` (relative;
+    default 1e-6)."""
     if stop not in STOP_TESTS:
         raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
     tol = DEFAULT_TOL[stop] if tol is None else tol
@@ -106,7 +118,9 @@ def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int 
     V = top_eigvecs(torch.einsum("tmn,tmk->nk", X, X), rank)[1]
     f_prev, kept_prev = None, None
     gains = torch.full((ENERGY_WINDOW,), math.nan, dtype=X.dtype)   # relative objective gains
-    moves = gains.clone()                                            # largest change of an energy kept
+    moves = gains.clone()                                            # signed changes of the total energy kept
+    nu2 = (X.square().sum((-2, -1)) if norms is None else norms.to(X.dtype).square())
+    total = lambda kept: float((kept * nu2).sum() / nu2.sum().clamp(min=1e-300))   # noqa: E731
     it, step, f = 0, float("nan"), float("nan")
     for it in range(1, max_iter + 1):
         XV = X @ V                                              # [T, m, r]
@@ -119,10 +133,10 @@ def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int 
         if stop == "subspace" and step <= tol:
             return Tucker2(U, V, it, True, step, "subspace", f)
         if stop == "energy":
-            kept = energy_kept(X, U, V)
+            kept = total(energy_kept(X, U, V))
             if f_prev is not None:
                 gains = torch.cat([gains[1:], gains.new_tensor([max(f - f_prev, 0.0) / max(abs(f), 1e-300)])])
-                moves = torch.cat([moves[1:], (kept - kept_prev).abs().amax()[None]])
+                moves = torch.cat([moves[1:], moves.new_tensor([(kept - kept_prev) / max(kept, 1e-300)])])
             f_prev, kept_prev = f, kept
             if float(torch.maximum(energy_left(gains), energy_left(moves))) <= tol:
                 return Tucker2(U, V, it, True, step, "energy", f)
@@ -169,7 +183,7 @@ def ctm(dWs: torch.Tensor, rank: int, method: str = "ties", *, beta: float = 0.0
     dWs = dWs.double()
     nu = torch.linalg.matrix_norm(dWs)
     c = subspace_weights(nu, beta)
-    tk = tucker2(c[:, None, None] * dWs, rank, tol, max_iter, stop=stop)
+    tk = tucker2(c[:, None, None] * dWs, rank, tol, max_iter, stop=stop, norms=nu)
     C = tk.U.mT @ dWs @ tk.V                                    # [T, r, r]
     Cm = apply_rule(method, C[None], **rule_params)[0]
     B, A = balanced_factors(tk.U, Cm, tk.V, scale)

@@ -291,7 +291,13 @@ def test_bundled_examples(tmp_path):
     lora_fields = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "task_type")
     for p in bundled:
         got, want = load_file(str(p / "adapter_model.safetensors")), load_file(str(fresh[p.name] / "adapter_model.safetensors"))
-        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got), p.name
+        # equal up to float32 rounding: the generator's products round differently on CPUs with
+        # other BLAS kernels (up to 2.4e-7 absolute, measured between two x86 machines)
+        assert sorted(got) == sorted(want), p.name
+        for k in got:
+            assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, (p.name, k)
+            err = (got[k].double() - want[k].double()).norm() / want[k].double().norm()
+            assert err <= 1e-6, (p.name, k, float(err))
         cg, cw = (json.loads((q / "adapter_config.json").read_text()) for q in (p, fresh[p.name]))
         assert {k: cg.get(k) for k in lora_fields} == {k: cw.get(k) for k in lora_fields}
         assert sorted(cg["target_modules"]) == sorted(cw["target_modules"])

