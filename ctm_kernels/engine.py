@@ -303,22 +303,27 @@ COLD_STEPS = 16
 FORCED_STEPS = 500
 
 
-def _top_r(Z, r, X0=None):
+def _top_r(Z, r, X0=None, expected=None):
     """Top-``r`` eigenpairs of ``Z Z^T`` for ``Z [L, k, p]`` -> (``[L, r]`` descending,
-    ``[L, k, r]`` with null columns zeroed); ``X0 [L, k, r]``: a warm start for the factored
-    route (seeded random without). Both routes solve to rounding."""
+    ``[L, k, r]`` with null columns zeroed, the factored steps the solve took: an int, None
+    where it was (or ended) dense); ``X0 [L, k, r]``: a warm start for the factored route
+    (seeded random without); ``expected``: the steps the caller expects it to need (default
+    WARM_STEPS / COLD_STEPS). Both routes solve to rounding."""
     L, k, p = Z.shape
     budget = int(topr_op.dense_seconds(k, p, Z.dtype) /
                  topr_op.factored_step_seconds(k, p, min(k, r + topr_op.GUARD), topr_op.DEPTH, Z.dtype))
-    expected = WARM_STEPS if X0 is not None else COLD_STEPS
+    if expected is None:
+        expected = WARM_STEPS if X0 is not None else COLD_STEPS
+    steps = None
     if TOP_R_ROUTE == "factored" or (TOP_R_ROUTE == "auto" and budget >= expected):
         forced = TOP_R_ROUTE == "factored"
-        w, U, _, _ = topr_op.top_r_factored(Z, r, X0, max_steps=FORCED_STEPS if forced else 3 * budget,
-                                            dense_steps=None if forced else budget)
+        w, U, taken, iterative = topr_op.top_r_factored(Z, r, X0, max_steps=FORCED_STEPS if forced else 3 * budget,
+                                                        dense_steps=None if forced else budget)
+        steps = int(taken.max()) if bool(iterative.all()) else None
     else:
         w, U = topr_op.top_r_dense(Z, r)
     live = w > NULL_RTOL * w[:, :1].clamp(min=0)
-    return w, U * live[:, None, :]
+    return w, U * live[:, None, :], steps
 
 
 def blockwise(Rx, Y):
@@ -338,10 +343,11 @@ def half_step_images(Rx, Ry, V, T):
     return blockwise(Rx, (Ry.mT @ V).reshape(L, T, R // T, -1))
 
 
-def _half_step(Rx, Ry, V, T, rank, X0=None):
+def _half_step(Rx, Ry, V, T, rank, X0=None, expected=None):
     """Top-``rank`` eigenvectors of ``Z Z^T`` (:func:`half_step_images`) -> (eigenvalues
-    ``[L, r]``, ``U [L, k, r]``, null columns zero); ``X0``: the previous iterate (warm start)."""
-    return _top_r(half_step_images(Rx, Ry, V, T), rank, X0)
+    ``[L, r]``, ``U [L, k, r]``, null columns zero, factored steps or None: see :func:`_top_r`);
+    ``X0``: the previous iterate (warm start)."""
+    return _top_r(half_step_images(Rx, Ry, V, T), rank, X0, expected)
 
 
 def _hosvd(Rx, blocks_other, c, rank):
@@ -479,6 +485,12 @@ class _HOOISolve:
         cc = c.repeat_interleave(R // T, dim=1)[:, None, :]       # [L, 1, R]
         self.ops = {"b": Rb, "a": Ra, "bc": Rb * cc, "ac": Ra * cc}
         self.low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
+        # per side, the factored steps a warm-started half-step is expected to need: one more
+        # than the last factored solve of that side took (WARM_STEPS until one has run; never
+        # again factored once one has ended dense). On flat spectra the iterates move little
+        # and a warm solve takes 1-2 steps, where WARM_STEPS kept the float64 half-steps of
+        # gaussian 2048^2, T = 512 dense (a dense solve costs 8 factored steps there)
+        self.expected_steps = {}
         self.stop, self.tol, self.accelerate = stop, tol, accelerate
         dev = Rb.device
         self.U = _hosvd(Rb, side_a.blocks, c, self.r)
@@ -532,8 +544,12 @@ class _HOOISolve:
                 if in_fast else (Rx64, Ry64)
             idx = sel.nonzero().squeeze(1)
             take = (lambda X: X) if len(idx) == self.L else (lambda X: X[idx])   # no gather for a full batch
-            w, Uh = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), self.T, self.r,
-                               take(X0).to(Rx.dtype))
+            w, Uh, steps = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), self.T, self.r,
+                                      take(X0).to(Rx.dtype), self.expected_steps.get(u_side))
+            if steps is not None:
+                self.expected_steps[u_side] = steps + 1
+            elif u_side in self.expected_steps:     # a factored solve that ended dense: stay dense
+                self.expected_steps[u_side] = math.inf
             if in_fast:
                 spread = w[:, 0].to(SOLVE_DTYPE) / w[:, -1].to(SOLVE_DTYPE).clamp(min=1e-300)
                 ok = spread <= FAST_MAX_SPREAD

@@ -146,3 +146,51 @@ def test_dense_solve_survives_a_float32_eigensolver_failure(monkeypatch):
     assert w.dtype == torch.float32 and U.dtype == torch.float32
     assert torch.allclose(w.double(), want_w, rtol=1e-5)
     assert float((U.double() @ U.double().mT - want_U @ want_U.mT).norm()) <= 1e-4
+
+
+def _count_routes(monkeypatch):
+    """Wrap both top-r routes; returns the list of (route, steps) of every solve."""
+    seen = []
+    dense, factored = topr.top_r_dense, topr.top_r_factored
+
+    def counted_factored(*a, **kw):
+        out = factored(*a, **kw)
+        seen.append(("factored", int(out[2].max()), bool(out[3].all())))
+        return out
+
+    monkeypatch.setattr(topr, "top_r_factored", counted_factored)
+    monkeypatch.setattr(topr, "top_r_dense", lambda *a, **kw: seen.append(("dense", 0, True)) or dense(*a, **kw))
+    return seen
+
+
+def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
+    """A dense solve priced at 6 factored steps (below WARM_STEPS): the first warm half-step of
+    each side is dense by default, so nothing goes factored; once a side has a factored solve
+    behind it (forced here for the first one), its next half-steps are expected to take that
+    many steps plus one and go factored. The answer is the dense route's at tight tol."""
+    from benchmarks.bench_layer import make_adapters
+
+    A, B = make_adapters("gaussian", 96, 96, 4, 8, torch.float64, "cpu")
+    tight = dict(rank=8, stop="subspace", tol=1e-10, max_iter=5000, method="sum")
+    dense = engine.merge_layer(A, B, **tight)
+    monkeypatch.setattr(topr, "dense_seconds", lambda k, p, dtype: 6 * topr.factored_step_seconds(
+        k, p, min(k, 8 + topr.GUARD), topr.DEPTH, dtype))
+    seen = _count_routes(monkeypatch)
+    engine.merge_layer(A, B, **tight)
+    assert all(route == "dense" for route, _, _ in seen)          # WARM_STEPS > 6: never factored
+    seen.clear()
+    first = {}
+    half_step = engine._half_step
+
+    def forcing(Rx, Ry, V, T, rank, X0=None, expected=None):
+        key = Rx.shape[1], Ry.shape[1], Rx.dtype       # one key per side and dtype
+        if key not in first:
+            first[key] = True
+            expected = 1                                # the first warm solve of each goes factored
+        return half_step(Rx, Ry, V, T, rank, X0, expected)
+
+    monkeypatch.setattr(engine, "_half_step", forcing)
+    out = engine.merge_layer(A, B, **tight)
+    factored = [s for route, s, ok in seen if route == "factored" and ok]
+    assert len(factored) > len(first) and max(factored) <= 6
+    assert float((out.delta - dense.delta).norm() / dense.delta.norm()) < 1e-8
