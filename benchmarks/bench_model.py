@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="ties")
     p.add_argument("--max-group-mb", type=int, default=None, help="passed to ctm merge (default: its default)")
     p.add_argument("--no-prefetch", action="store_true", help="passed to ctm merge")
+    p.add_argument("--threads", type=int, default=None, help="passed to ctm merge (default: its default)")
     p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun, gloo on CPU)")
     p.add_argument("--cold", action="store_true", help="drop the adapters from the page cache before merging")
     p.add_argument("--workdir", default="/tmp/ctm_synth", help="cache of synthetic sets and scratch space")
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
         cmd += ["--max-group-mb", str(a.max_group_mb)]
     if a.no_prefetch:
         cmd.append("--no-prefetch")
+    if a.threads is not None:
+        cmd += ["--threads", str(a.threads)]
     launch = [sys.executable] if a.nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

@@ -194,3 +194,17 @@ def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
     factored = [s for route, s, ok in seen if route == "factored" and ok]
     assert len(factored) > len(first) and max(factored) <= 6
     assert float((out.delta - dense.delta).norm() / dense.delta.norm()) < 1e-8
+
+
+@pytest.mark.parametrize("T,rb,r", [(1, 3, 2), (5, 4, 3), (7, 1, 1)], ids=lambda v: str(v))
+def test_half_step_objective_is_the_norm_of_the_projected_images(T, rb, r):
+    """``half_step_objective`` (no ``Z`` formed) against ``||U^T Z||^2`` with ``Z`` formed."""
+    g = torch.Generator().manual_seed(T * 100 + rb)
+    L, k, kp = 2, 9, 6
+    Rx = torch.randn(L, k, T * rb, generator=g, dtype=torch.float64)
+    Ry = torch.randn(L, kp, T * rb, generator=g, dtype=torch.float64)
+    V = torch.linalg.qr(torch.randn(L, kp, r, generator=g, dtype=torch.float64))[0]
+    U = torch.linalg.qr(torch.randn(L, k, r, generator=g, dtype=torch.float64))[0]
+    want = (U.mT @ engine.half_step_images(Rx, Ry, V, T)).square().sum((-2, -1))
+    got = engine.half_step_objective(Rx, Ry, V, U, T)
+    assert got.shape == (L,) and torch.allclose(got, want, rtol=1e-13, atol=0)
