@@ -346,7 +346,7 @@ def half_step_images(Rx, Ry, V, T):
 def half_step_objective(Rx, Ry, V, U, T):
     """``||U^T Z||_F^2`` ``[L]`` for ``Z`` of :func:`half_step_images`, without forming ``Z``:
     ``sum_t ||(U^T Rx_t) (Ry_t^T V)||^2``. Forming ``Z [L, k, T r]`` in float64 for this was the
-    peak of a float32 sweep (gaussian 2048^2, T = 512: 1.52 GiB against 1.39 GiB without)."""
+    peak of a float32 sweep (gaussian 2048^2, T = 512: peak RSS 1.52 GiB, 1.27 GiB without)."""
     L, _, R = Ry.shape
     W = (U.mT @ Rx).reshape(L, U.shape[-1], T, R // T).transpose(1, 2)       # [L, T, r, rb]
     return (W @ (Ry.mT @ V).reshape(L, T, R // T, -1)).square().sum((-3, -2, -1))
