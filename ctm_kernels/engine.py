@@ -300,6 +300,10 @@ TOP_R_ROUTE = "auto"        # or "dense" / "factored" (the latter up to FORCED_S
 # the solver of that time) paid 3 steps before turning dense in 7 of 9 half-steps.
 WARM_STEPS = 10
 COLD_STEPS = 16
+# a side's own step count replaces WARM_STEPS after this many factored half-steps in a row: a
+# structured set's single float32 half-step (1 step) sent its float64 ones factored, which need
+# 5-13 steps and turned dense after 3 (about 1.4 s lost at 2048^2, T = 512)
+HINT_SOLVES = 2
 FORCED_STEPS = 500
 
 
@@ -494,11 +498,12 @@ class _HOOISolve:
         cc = c.repeat_interleave(R // T, dim=1)[:, None, :]       # [L, 1, R]
         self.ops = {"b": Rb, "a": Ra, "bc": Rb * cc, "ac": Ra * cc}
         self.low = {}   # the FAST_DTYPE operands, cast once and dropped when no layer needs them
-        # per side, the factored steps a warm-started half-step is expected to need: one more
-        # than the last factored solve of that side took (WARM_STEPS until one has run; never
-        # again factored once one has ended dense). On flat spectra the iterates move little
-        # and a warm solve takes 1-2 steps, where WARM_STEPS kept the float64 half-steps of
-        # gaussian 2048^2, T = 512 dense (a dense solve costs 8 factored steps there)
+        # per side, (steps, solves): the factored steps a warm-started half-step is expected to
+        # need, one more than the last factored solve of that side took, trusted once that side
+        # has had HINT_SOLVES of them in a row (WARM_STEPS until then; never again factored once
+        # one has ended dense). On flat spectra the iterates move little and a warm solve takes
+        # 1-2 steps, where WARM_STEPS kept the float64 half-steps of gaussian 2048^2, T = 512
+        # dense (a dense solve costs 8 factored steps there)
         self.expected_steps = {}
         self.stop, self.tol, self.accelerate = stop, tol, accelerate
         dev = Rb.device
@@ -554,11 +559,11 @@ class _HOOISolve:
             idx = sel.nonzero().squeeze(1)
             take = (lambda X: X) if len(idx) == self.L else (lambda X: X[idx])   # no gather for a full batch
             w, Uh, steps = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), self.T, self.r,
-                                      take(X0).to(Rx.dtype), self.expected_steps.get(u_side))
+                                      take(X0).to(Rx.dtype), self._expected(u_side))
             if steps is not None:
-                self.expected_steps[u_side] = steps + 1
+                self.expected_steps[u_side] = (steps + 1, self.expected_steps.get(u_side, (0, 0))[1] + 1)
             elif u_side in self.expected_steps:     # a factored solve that ended dense: stay dense
-                self.expected_steps[u_side] = math.inf
+                self.expected_steps[u_side] = (math.inf, math.inf)
             if in_fast:
                 spread = w[:, 0].to(SOLVE_DTYPE) / w[:, -1].to(SOLVE_DTYPE).clamp(min=1e-300)
                 ok = spread <= FAST_MAX_SPREAD
@@ -576,6 +581,10 @@ class _HOOISolve:
                 obj[idx] = w.sum(-1)
             out[idx] = Uh.to(SOLVE_DTYPE)
         return out, obj
+
+    def _expected(self, u_side):
+        steps, solves = self.expected_steps.get(u_side, (None, 0))
+        return steps if solves >= HINT_SOLVES else None
 
     # -- phase: keep an extrapolation only if it does at least as well as the plain image ---
     def _monotone(self, U1, fa, active):

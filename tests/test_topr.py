@@ -164,13 +164,14 @@ def _count_routes(monkeypatch):
 
 
 def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
-    """A dense solve priced at 6 factored steps (below WARM_STEPS): the first warm half-step of
-    each side is dense by default, so nothing goes factored; once a side has a factored solve
-    behind it (forced here for the first one), its next half-steps are expected to take that
-    many steps plus one and go factored. The answer is the dense route's at tight tol."""
+    """A dense solve priced at 6 factored steps (below WARM_STEPS): the warm half-steps are
+    dense by default, so nothing goes factored; once a side has had HINT_SOLVES factored solves
+    in a row (forced here), its next half-steps are expected to take as many steps as the last
+    one plus one and go factored; after a single one they stay dense. The answer is the dense
+    route's at tight tol."""
     from benchmarks.bench_layer import make_adapters
 
-    A, B = make_adapters("gaussian", 96, 96, 4, 8, torch.float64, "cpu")
+    A, B = make_adapters("gaussian", 96, 48, 8, 8, torch.float64, "cpu")   # sides of 64 and 48
     tight = dict(rank=8, stop="subspace", tol=1e-10, max_iter=5000, method="sum")
     dense = engine.merge_layer(A, B, **tight)
     monkeypatch.setattr(topr, "dense_seconds", lambda k, p, dtype: 6 * topr.factored_step_seconds(
@@ -178,22 +179,25 @@ def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
     seen = _count_routes(monkeypatch)
     engine.merge_layer(A, B, **tight)
     assert all(route == "dense" for route, _, _ in seen)          # WARM_STEPS > 6: never factored
-    seen.clear()
-    first = {}
     half_step = engine._half_step
+    assert engine.HINT_SOLVES == 2
+    for forced in (1, 2):
+        seen.clear()
+        count = {}
 
-    def forcing(Rx, Ry, V, T, rank, X0=None, expected=None):
-        key = Rx.shape[1], Ry.shape[1], Rx.dtype       # one key per side and dtype
-        if key not in first:
-            first[key] = True
-            expected = 1                                # the first warm solve of each goes factored
-        return half_step(Rx, Ry, V, T, rank, X0, expected)
+        def forcing(Rx, Ry, V, T, rank, X0=None, expected=None):
+            side = Rx.shape[1]
+            if count.get(side, 0) < forced:
+                count[side] = count.get(side, 0) + 1
+                expected = 1                            # the first warm solves of a side go factored
+            return half_step(Rx, Ry, V, T, rank, X0, expected)
 
-    monkeypatch.setattr(engine, "_half_step", forcing)
-    out = engine.merge_layer(A, B, **tight)
-    factored = [s for route, s, ok in seen if route == "factored" and ok]
-    assert len(factored) > len(first) and max(factored) <= 6
-    assert float((out.delta - dense.delta).norm() / dense.delta.norm()) < 1e-8
+        monkeypatch.setattr(engine, "_half_step", forcing)
+        out = engine.merge_layer(A, B, **tight)
+        factored = [s for route, s, ok in seen if route == "factored" and ok]
+        assert len(count) == 2 and max(factored) <= 6
+        assert (len(factored) > sum(count.values())) == (forced == 2), (forced, len(factored))
+        assert float((out.delta - dense.delta).norm() / dense.delta.norm()) < 1e-8
 
 
 @pytest.mark.parametrize("T,rb,r", [(1, 3, 2), (5, 4, 3), (7, 1, 1)], ids=lambda v: str(v))
