@@ -212,3 +212,19 @@ def test_half_step_objective_is_the_norm_of_the_projected_images(T, rb, r):
     want = (U.mT @ engine.half_step_images(Rx, Ry, V, T)).square().sum((-2, -1))
     got = engine.half_step_objective(Rx, Ry, V, U, T)
     assert got.shape == (L,) and torch.allclose(got, want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("k,p", [(511, 40), (512, 512), (513, 1030), (1100, 300)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gram_by_block_rows_is_the_full_product(k, p, dtype, monkeypatch):
+    """``gram_rows`` against ``Z Z^T`` (k not a multiple of the blocks, p < k and p > k, below
+    and above GRAM_BLOCKS_MIN_K), into NaN-filled memory: every entry written, and the result
+    exactly symmetric."""
+    Z = torch.randn(2, k, p, generator=torch.Generator().manual_seed(k), dtype=dtype)
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *size, **kw: torch.full(size, float("nan"), dtype=self.dtype))
+    want = Z.double() @ Z.double().mT
+    got = topr.gram_rows(Z)
+    assert torch.isfinite(got).all() and torch.equal(got, got.mT)
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    assert float((got.double() - want).norm() / want.norm()) < tol
