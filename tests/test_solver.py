@@ -200,3 +200,46 @@ def test_energy_stop_on_the_set_whose_energy_changes_sign():
     for accelerate in (True, False):
         out = _merge(case, accelerate=accelerate)
         assert abs(_total_kept(out.info) - want) <= 1e-6 * want, (accelerate, out.info.iterations)
+
+
+def _orthonormal_batch(g, *shape):
+    return torch.linalg.qr(torch.randn(*shape, generator=g, dtype=torch.float64))[0]
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e5, 1e9, math.inf], ids=lambda c: f"cond{c:g}")
+def test_polar_factor_is_the_svd_one(cond):
+    """``engine._polar`` (eigh of ``M^T M``, the SVD where that is near singular) equals the
+    SVD's polar factor ``X Y^T`` on well-conditioned, ill-conditioned and singular matrices."""
+    g = torch.Generator().manual_seed(3)
+    r = 16
+    X, Y = _orthonormal_batch(g, 2, 5, r, r), _orthonormal_batch(g, 2, 5, r, r)
+    s = torch.logspace(0, -math.log10(cond), r, dtype=torch.float64) if math.isfinite(cond) else \
+        torch.cat([torch.ones(r - 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)])
+    M = (X * s) @ Y.mT
+    U, _, Vh = torch.linalg.svd(M)
+    want = U @ Vh
+    got = engine._polar(M)
+    assert relerr(got, want) <= 1e-12
+    assert relerr(got.mT @ got, torch.eye(r, dtype=torch.float64).expand_as(got)) <= 1e-12
+
+
+def test_anderson_step_leaves_stopped_layers_alone(monkeypatch):
+    """Stopped layers (``skip``) take their image and are not computed: the polar factors of the
+    history are formed for the other layers only."""
+    g = torch.Generator().manual_seed(5)
+    L, R, r = 3, 24, 4
+    base = _orthonormal_batch(g, L, R, r)
+    layers_seen = []
+    polar = engine._polar
+    monkeypatch.setattr(engine, "_polar", lambda M: layers_seen.append(M.shape[1]) or polar(M))
+    acc = engine._Anderson()
+    skip = torch.tensor([False, True, False])
+    hold = torch.zeros(L, dtype=torch.bool)
+    x = base
+    for i in range(4):
+        img = torch.linalg.qr(base + 0.3 ** (i + 1) * torch.randn(L, R, r, generator=g, dtype=torch.float64))[0]
+        nxt, extrapolated = acc.step(x, img, hold, skip)
+        assert torch.equal(nxt[1], img[1]) and not bool(extrapolated[1])
+        x = nxt
+    assert layers_seen and set(layers_seen) == {2}
+    assert bool(extrapolated[0]) and bool(extrapolated[2])
