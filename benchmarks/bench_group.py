@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -54,11 +53,9 @@ def child(tree: str, m: int, T: int, layers: int, repeat: int, threads: int) -> 
 
 
 def _in_child(tree, a) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", str(tree), str(a.m), str(a.T), str(a.layers),
-                          str(a.repeat), str(a.threads)], capture_output=True, text=True, cwd=ROOT)
-    if res.returncode != 0:
-        raise RuntimeError(f"child for {tree} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    from benchmarks.common import run_child
+
+    return run_child([__file__, "--child", str(tree), str(a.m), str(a.T), str(a.layers), str(a.repeat), str(a.threads)])
 
 
 def main(argv=None) -> int:
@@ -80,7 +77,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import ctm_kernels as ck
     from ctm_kernels.testing import total_energy_kept
-    from benchmarks.common import header, table, write_json
+    from benchmarks.common import header, table, unpack_commit, write_json
 
     torch.set_num_threads(a.threads)
     key = [ck.prepare(A, B, rank=RANK).info for A, B in make_group(a.m, a.T, a.layers)]
@@ -98,8 +95,7 @@ def main(argv=None) -> int:
     row["ctm_s"] = mine["seconds"]
     if a.base:
         with tempfile.TemporaryDirectory() as base_dir:
-            archive = subprocess.run(["git", "archive", a.base], cwd=ROOT, capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", base_dir], input=archive, check=True)
+            unpack_commit(a.base, base_dir)
             base = _in_child(base_dir, a)
         row.update(base_s=base["seconds"], base_sweeps_total=sum(base["sweeps"]),
                    base_energy_rel_error_vs_alone=worst_error(base), speedup_vs_base=base["seconds"] / mine["seconds"])

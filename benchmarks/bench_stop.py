@@ -7,7 +7,8 @@ Per case ``kind:m:T`` (m = n, T rank-16 adapters, merged rank 16, TIES top_k 0.2
 1. correctness first: the converged answer (plain HOOI, ``stop="subspace"``, tol 1e-10) is the
    key. The default stop, the sine stop at 1e-4, and the base commit's default are compared with
    it: relative error of the total energy kept, the largest error of an adapter's energy kept,
-   sweeps, and for the default stop the distance of its merged update from the key's. A default stop more than 1e-4 (relative, total) from the key fails the run.
+   sweeps, and for the default stop the distance of its merged update from the key's. A default
+   stop more than 1e-4 (relative, total) from the key fails the run.
 2. speed, medians of ``--repeat``: ``ck.merge_layer`` end to end (Grams, solve, rule, lift) at
    the default stop, each tree in its own fresh process (this tree, then ``--base``: a commit
    unpacked with ``git archive``), and MtC with a full SVD in this process (``reference.mtc``).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,11 +49,9 @@ def child(tree: str, kind: str, m: int, T: int, repeat: int, threads: int) -> No
 
 
 def _in_child(tree, kind, m, T, repeat, threads) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child", str(tree), kind, str(m), str(T), str(repeat),
-                          str(threads)], capture_output=True, text=True, cwd=ROOT)
-    if res.returncode != 0:
-        raise RuntimeError(f"child for {tree} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    from benchmarks.common import run_child
+
+    return run_child([__file__, "--child", str(tree), kind, str(m), str(T), str(repeat), str(threads)])
 
 
 def _errors(kept, key, norms) -> dict:
@@ -82,13 +80,12 @@ def main(argv=None) -> int:
     import ctm_kernels as ck
     from ctm_kernels import reference as ref
     from benchmarks.bench_layer import dense, make_adapters
-    from benchmarks.common import header, median_time, table, write_json
+    from benchmarks.common import header, median_time, table, unpack_commit, write_json
 
     torch.set_num_threads(a.threads)
     base_dir = tempfile.TemporaryDirectory() if a.base else None
     if base_dir is not None:
-        archive = subprocess.run(["git", "archive", a.base], cwd=ROOT, capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", base_dir.name], input=archive, check=True)
+        unpack_commit(a.base, base_dir.name)
     rows = []
     for case in a.cases.split(","):
         kind, m, T = case.split(":")

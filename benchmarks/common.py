@@ -147,3 +147,10 @@ def run_child(args: list[str]) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"child {' '.join(args)} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def unpack_commit(commit: str, dest: str) -> None:
+    """The tree of ``commit`` of this repository, unpacked into ``dest`` (``git archive``): an
+    earlier engine to time side by side in a fresh process."""
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)

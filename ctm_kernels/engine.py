@@ -73,8 +73,8 @@ FAST_STALL = 15       # or until a layer has not improved for this many sweeps
 FAST_MAX_SPREAD = 100.0
 FAST_NOISE_MARGIN = 1e3   # a layer leaves FAST_DTYPE at the latest when its step is this many times eps * spread
 STALL_SWEEPS = 30     # sweeps in which the lowest step has not halved before a layer falls back to plain HOOI
-MONOTONE_SLACK = 1e-12
-POLAR_EIGH_RCOND = 1e-6   # M^T M this near singular (cond(M) > 1e3) takes the SVD polar factor   # relative rounding allowed when an extrapolation is compared with a plain image
+MONOTONE_SLACK = 1e-12   # relative rounding allowed when an extrapolation is compared with a plain image
+POLAR_EIGH_RCOND = 1e-6   # M^T M this near singular (cond(M) > 1e3) takes the SVD polar factor
 # Extrapolation only where plain HOOI already converges steadily to its fixed point: the last
 # GATE_WINDOW ratios of successive plain steps below 1 and within GATE_DRIFT * (1 - ratio) of
 # each other. On the way past a saddle the ratio drifts up by 5-10% of (1 - ratio) per sweep
@@ -348,13 +348,21 @@ def half_step_images(Rx, Ry, V, T):
     return blockwise(Rx, (Ry.mT @ V).reshape(L, T, R // T, -1))
 
 
+def adapter_energies(Rx, Ry, V, U, T):
+    """``[L, T]``: ``||(Rx_t^T U)^T (Ry_t^T V)||_F^2`` per adapter block ``t`` of ``Rx [L, k, R]``
+    and ``Ry [L, k', R]`` (``rb = R / T`` columns each), for ``U [L, k, r]``, ``V [L, k', r]``:
+    with the whitened factors, the energy ``||U^T dW_t V||^2`` each adapter keeps."""
+    L, _, R = Ry.shape
+    P = (Rx.mT @ U).reshape(L, T, R // T, -1)                  # [L, T, rb, r]
+    Q = (Ry.mT @ V).reshape(L, T, R // T, -1)
+    return (P.mT @ Q).square().sum((-2, -1))
+
+
 def half_step_objective(Rx, Ry, V, U, T):
     """``||U^T Z||_F^2`` ``[L]`` for ``Z`` of :func:`half_step_images`, without forming ``Z``:
-    ``sum_t ||(U^T Rx_t) (Ry_t^T V)||^2``. Forming ``Z [L, k, T r]`` in float64 for this was the
+    the sum of :func:`adapter_energies`. Forming ``Z [L, k, T r]`` in float64 for this was the
     peak of a float32 sweep (gaussian 2048^2, T = 512: peak RSS 1.52 GiB, 1.27 GiB without)."""
-    L, _, R = Ry.shape
-    W = (U.mT @ Rx).reshape(L, U.shape[-1], T, R // T).transpose(1, 2)       # [L, T, r, rb]
-    return (W @ (Ry.mT @ V).reshape(L, T, R // T, -1)).square().sum((-3, -2, -1))
+    return adapter_energies(Rx, Ry, V, U, T).sum(-1)
 
 
 def _half_step(Rx, Ry, V, T, rank, X0=None, expected=None):
@@ -394,6 +402,11 @@ def _polar(M):
         X, _, Yh = torch.linalg.svd(M[bad])
         P[bad] = X @ Yh
     return P
+
+
+def _rows(idx, L):
+    """``X -> X[idx]`` for ``[L, ...]`` tensors, without a gather when ``idx`` is the whole batch."""
+    return (lambda X: X) if len(idx) == L else (lambda X: X[idx])
 
 
 def _on(mask, fn, *Xs):
@@ -449,7 +462,7 @@ class _Anderson:
         if k < 2 or not bool(calc.any()):
             return g, none
         idx = calc.nonzero().squeeze(1)
-        take = (lambda X: X) if len(idx) == L else (lambda X: X[idx])     # no gather for a full batch
+        take = _rows(idx, L)
         gi, age = take(g), self.age[idx]
         # all stored bases re-expressed in g's frame with one batched r x r polar factor
         H = torch.stack([take(X) for X in self.xs + self.gs])          # [2k, l, R, r]
@@ -593,7 +606,7 @@ class _HOOISolve:
             Rx, Ry = ((self.low["b"], self.low["ac"]) if u_side else (self.low["a"], self.low["bc"])) \
                 if in_fast else (Rx64, Ry64)
             idx = sel.nonzero().squeeze(1)
-            take = (lambda X: X) if len(idx) == self.L else (lambda X: X[idx])   # no gather for a full batch
+            take = _rows(idx, self.L)
             w, Uh, steps = _half_step(take(Rx), take(Ry), take(Vin).to(Rx.dtype), self.T, self.r,
                                       take(X0).to(Rx.dtype), self._expected(u_side))
             if steps is not None:
@@ -669,34 +682,14 @@ class _HOOISolve:
         trade energy back and forth while the total has settled (gaussian 2048^2, T=8: 72
         sweeps against 43 for the total, both within 1e-6 of the converged total)."""
         gain = ((fb - self.f) / fb.abs().clamp(min=1e-300)).clamp(min=0)
-        kept = (self._kept_on(active, U1, V1) * self.nu2).sum(-1) / self.nu2.sum(-1).clamp(min=1e-300)
+        energies = _on(active, lambda Rb, Ra, V, U: adapter_energies(Rb, Ra, V, U, self.T),
+                       self.ops["b"], self.ops["a"], V1, U1)                          # [L, T]
+        kept = energies.sum(-1) / self.nu2.sum(-1).clamp(min=1e-300)
         move = (kept - self.kept) / kept.clamp(min=1e-300)
         roll = lambda H, x: torch.where(active[:, None], torch.cat([H[:, 1:], x[:, None]], 1), H)   # noqa: E731
         self.gains, self.moves = roll(self.gains, gain), roll(self.moves, move)
         self.kept = torch.where(active, kept, self.kept)
         return torch.maximum(energy_left(self.gains), energy_left(self.moves)) <= self.tol
-
-    def _kept_on(self, active, U, V):
-        """``[L, T]``: :meth:`_kept` of the layers in ``active``, NaN elsewhere. A partial batch
-        goes layer by layer on views: gathering the running layers' whitened factors would copy
-        up to two ``[L, k, R]`` operands every sweep."""
-        Rb, Ra, nu2 = self.ops["b"], self.ops["a"], self.nu2
-        if bool(active.all()):
-            return self._kept(U, V, Rb, Ra, nu2)
-        out = torch.full_like(nu2, math.nan)
-        for l in active.nonzero().squeeze(1).tolist():
-            one = slice(l, l + 1)
-            out[one] = self._kept(U[one], V[one], Rb[one], Ra[one], nu2[one])
-        return out
-
-    def _kept(self, U, V, Rb, Ra, nu2):
-        """``[l, T]``: ``||U^T dW_t V||^2 / ||dW_t||^2`` in whitened coordinates (0 for a zero
-        adapter) for ``l`` layers' ``U``, ``V``, whitened factors and ``nu2 = ||dW_t||^2``."""
-        L, T = len(U), self.T
-        P = (Rb.mT @ U).reshape(L, T, -1, U.shape[-1])
-        Q = (Ra.mT @ V).reshape(L, T, -1, V.shape[-1])
-        kept = (P.mT @ Q).square().sum((-2, -1))
-        return torch.where(nu2 > 0, kept / nu2.clamp(min=1e-300), 0.0)
 
     def sweep(self):
         active = ~self.done
