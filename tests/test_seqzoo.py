@@ -6,27 +6,54 @@ import torch
 
 from benchmarks.quality import digits, seqzoo, tables
 
-X = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+X = torch.tensor([[3, 1, 4, 1, 5, 59, 2, 63]])
+EVERY = torch.arange(64).reshape(8, 8)          # each of the 64 symbols once
 
 
-@pytest.mark.parametrize("task,want", [
-    ("copy", [3, 1, 4, 1, 5, 9, 2, 6]), ("reverse", [6, 2, 9, 5, 1, 4, 1, 3]),
-    ("add_one", [4, 2, 5, 2, 6, 0, 3, 7]), ("rotate_one", [1, 4, 1, 5, 9, 2, 6, 3]),
-    ("sort", [1, 1, 2, 3, 4, 5, 6, 9]), ("times_three", [9, 3, 2, 3, 5, 7, 6, 8]),
-    ("running_max", [3, 3, 4, 4, 5, 9, 9, 9]), ("add_mirror", [9, 3, 3, 6, 6, 3, 3, 9]),
-    ("swap_pairs", [1, 3, 1, 4, 9, 5, 6, 2]), ("difference", [3, 8, 3, 7, 4, 4, 3, 4]),
-    ("count", [1, 2, 1, 2, 1, 1, 1, 1]), ("rotate_three", [1, 5, 9, 2, 6, 3, 1, 4])])
-def test_task_targets(task, want):
-    assert seqzoo.target(task, X).tolist() == [want]
+def test_copy_target():
+    assert seqzoo.target("copy", X).tolist() == X.tolist()
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_cipher_is_a_fixed_substitution(i):
+    """cipher_i maps symbol s to perm[s] for the permutation drawn by seed 77 + i, position by
+    position (so it commutes with reversing the sequence)."""
+    out = seqzoo.target(f"cipher_{i}", EVERY).flatten()
+    assert out.tolist() == torch.randperm(64, generator=torch.Generator().manual_seed(77 + i)).tolist()
+    assert seqzoo.target(f"cipher_{i}", X.flip(1)).tolist() == seqzoo.target(f"cipher_{i}", X).flip(1).tolist()
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_dialect_changes_32_symbols_of_its_cipher(i):
+    """dialect_i agrees with cipher_i on 32 symbols; on the other 32 (the first 32 of the
+    permutation drawn by seed 300 + i) symbol changed[k] gets cipher_i's output of changed[k-1]."""
+    cipher = seqzoo.target(f"cipher_{i}", EVERY).flatten()
+    dialect = seqzoo.target(f"dialect_{i}", EVERY).flatten()
+    assert sorted(dialect.tolist()) == list(range(64))                   # still a substitution
+    changed = torch.randperm(64, generator=torch.Generator().manual_seed(300 + i))[:32]
+    for k in range(32):
+        assert dialect[changed[k]] == cipher[changed[k - 1]]
+    assert (dialect != cipher).sum() == 32
+
+
+def test_tasks_tokens_and_batches():
+    """Nine pre-training tokens after the 64 symbols; a dialect is asked for with its cipher's token."""
+    assert [seqzoo.task_token(t) for t in seqzoo.PRETRAIN_TASKS] == list(range(64, seqzoo.VOCAB))
+    assert seqzoo.task_token("dialect_3") == seqzoo.task_token("cipher_3") == 64 + 4
+    tok, y = seqzoo.batch("dialect_5", 6, torch.Generator().manual_seed(1))
+    assert (tok[:, 0] == 64 + 6).all() and (tok[:, 1:] < 64).all()
+    assert y.tolist() == seqzoo.target("dialect_5", tok[:, 1:]).tolist()
+    with pytest.raises(ValueError, match="unknown task"):
+        seqzoo.target("sort", X)
 
 
 def test_deltas_enter_the_named_linear():
     torch.manual_seed(0)
     cfg = seqzoo.SeqConfig(d_model=16, heads=2, mlp=32, blocks=1)
     model = seqzoo.SeqModel(cfg)
-    tok, _ = seqzoo.batch("sort", 4, torch.Generator().manual_seed(0))
+    tok, _ = seqzoo.batch("dialect_0", 4, torch.Generator().manual_seed(0))
     base = model(tok)
-    assert base.shape == (4, 8, 10)
+    assert base.shape == (4, 8, seqzoo.SYMBOLS)
     for name in cfg.lora_layers:
         layer = model.lin[name.replace(".", "_")]
         delta = 0.1 * torch.randn_like(layer.weight)
@@ -41,7 +68,7 @@ def test_deltas_enter_the_named_linear():
 
 def test_tiny_zoo_trains_saves_and_merges(tmp_path):
     cfg = seqzoo.SeqConfig(d_model=32, heads=2, mlp=64, blocks=1, rank=4, alpha=8.0, pretrain_steps=60,
-                           adapter_steps=40, batch_size=32, eval_size=32, tasks=["sort", "swap_pairs", "count"])
+                           adapter_steps=40, batch_size=32, eval_size=32, tasks=["dialect_0", "dialect_1", "dialect_2"])
     zoo = seqzoo.train_zoo(cfg, log=lambda *a: None)
     seqzoo.save_zoo(zoo, tmp_path / "z")
     back = seqzoo.load_zoo(tmp_path / "z")

@@ -1,17 +1,21 @@
 """A second LoRA zoo that looks like real LoRA use: a small transformer and rank-16 adapters.
 
-``python -m benchmarks.quality.seqzoo [--seeds 0 1 2]`` trains it again (seeded, a few minutes
-of CPU per seed) into ``benchmarks/quality/zoo_seq/seed<k>/``:
+``python -m benchmarks.quality.seqzoo [--seeds 0 1 2]`` trains it again (seeded, about three
+minutes of CPU per seed) into ``benchmarks/quality/zoo_seq/seed<k>/``:
 
 * the base: a 2-block pre-LayerNorm transformer encoder (d_model 128, 4 heads, MLP 256,
-  learned positions) with ONE output head over the 10 digit tokens, pre-trained on a mix of
-  four sequence tasks (copy, reverse, add one, rotate), each announced by its own task token;
+  learned positions) with ONE output head over a vocabulary of 64 symbols, pre-trained on nine
+  sequence tasks, each announced by its own task token: copy, and eight substitution ciphers
+  (``cipher_i``: a fixed random permutation of the 64 symbols, applied to each of 8 symbols);
 * then one rank-16 LoRA (alpha 32) per new task on q, k, v, o and the two MLP matrices of both
-  blocks (12 modules), trained with base and head frozen: the head and vocabulary are shared,
-  so no task has parameters of its own outside the merged modules;
-* eight new tasks, all on 8 digits, all shown with the same neutral task token: sort, times three
-  mod 10, running max, x_i + x_(7-i) mod 10, swap neighbours, difference to the previous
-  digit mod 10, count of the digit in the sequence, rotate by three.
+  blocks (12 modules), trained with base, embeddings and head frozen: the head and vocabulary
+  are shared, so no task has parameters of its own outside the merged modules;
+* eight new tasks, the dialects: ``dialect_i`` is ``cipher_i`` with the outputs of 32 of the
+  64 symbols (a fixed random subset) rotated among themselves, asked for with ``cipher_i``'s
+  own token. Each adapter specialises a skill the base has (as real adapters adapt a model to
+  a domain it half knows): the base scores about 50% on a dialect, its adapter 100%. The tasks
+  come with different tokens, so a merged model can tell them apart, and each needs many
+  independent changes (32 symbol associations), so its update spreads over many directions.
 
 Files: ``base.safetensors`` (fp16; rounded before the adapters train, so the stored base is the
 trained-on one), ``adapters.safetensors`` (``<task>.<module>.lora_A [16, in]`` and
@@ -32,47 +36,54 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 SEQ_DIR = Path(__file__).resolve().parent / "zoo_seq"
-DIGITS, LENGTH = 10, 8
-PRETRAIN_TASKS = ("copy", "reverse", "add_one", "rotate_one")
-LORA_TASKS = ("sort", "times_three", "running_max", "add_mirror", "swap_pairs", "difference", "count", "rotate_three")
-ADAPT_TOKEN = DIGITS + len(PRETRAIN_TASKS)          # the neutral task token of the adapters' tasks
-VOCAB = ADAPT_TOKEN + 1
+SYMBOLS, LENGTH = 64, 8
+CIPHERS_N, DIALECT_CHANGES = 8, 32
+PRETRAIN_TASKS = ("copy",) + tuple(f"cipher_{i}" for i in range(CIPHERS_N))
+LORA_TASKS = tuple(f"dialect_{i}" for i in range(CIPHERS_N))
+VOCAB = SYMBOLS + len(PRETRAIN_TASKS)          # the symbols, then one token per pre-training task
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# fixed tables (seeded by the task's number, not by the zoo seed): every zoo seed pre-trains the
+# same ciphers and trains adapters for the same dialects
+CIPHER_TABLES = [torch.randperm(SYMBOLS, generator=_seeded(77 + i)) for i in range(CIPHERS_N)]
+
+
+def _dialect_table(i: int) -> torch.Tensor:
+    changed = torch.randperm(SYMBOLS, generator=_seeded(300 + i))[:DIALECT_CHANGES]
+    source = torch.arange(SYMBOLS)
+    source[changed] = changed.roll(1)          # each changed symbol takes the next one's output
+    return CIPHER_TABLES[i][source]
+
+
+DIALECT_TABLES = [_dialect_table(i) for i in range(CIPHERS_N)]
 
 
 def target(task: str, x: torch.Tensor) -> torch.Tensor:
-    """The output digits ``[N, 8]`` of ``task`` for input digits ``x [N, 8]``."""
+    """The output symbols ``[N, 8]`` of ``task`` for input symbols ``x [N, 8]``."""
+    kind, _, number = task.partition("_")
     if task == "copy":
         return x
-    if task == "reverse":
-        return x.flip(1)
-    if task == "add_one":
-        return (x + 1) % DIGITS
-    if task == "rotate_one":
-        return x.roll(-1, 1)
-    if task == "sort":
-        return x.sort(1).values
-    if task == "times_three":
-        return (3 * x) % DIGITS
-    if task == "running_max":
-        return x.cummax(1).values
-    if task == "add_mirror":
-        return (x + x.flip(1)) % DIGITS
-    if task == "swap_pairs":
-        return x.reshape(-1, LENGTH // 2, 2).flip(2).reshape(-1, LENGTH)
-    if task == "difference":
-        return (x - torch.nn.functional.pad(x, (1, 0))[:, :-1]) % DIGITS
-    if task == "count":
-        return (x[:, :, None] == x[:, None, :]).sum(2) % DIGITS
-    if task == "rotate_three":
-        return x.roll(-3, 1)
+    if kind == "cipher":
+        return CIPHER_TABLES[int(number)][x]
+    if kind == "dialect":
+        return DIALECT_TABLES[int(number)][x]
     raise ValueError(f"seqzoo.py: unknown task {task!r}")
 
 
+def task_token(task: str) -> int:
+    """The token that announces ``task``: ``SYMBOLS + k`` for the k-th pre-training task; a
+    dialect is asked for with its cipher's token."""
+    return SYMBOLS + PRETRAIN_TASKS.index(task.replace("dialect_", "cipher_"))
+
+
 def batch(task: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random sequences: tokens ``[n, 9]`` (task token, 8 digits), targets ``[n, 8]``."""
-    x = torch.randint(0, DIGITS, (n, LENGTH), generator=g)
-    token = DIGITS + PRETRAIN_TASKS.index(task) if task in PRETRAIN_TASKS else ADAPT_TOKEN
-    return torch.cat([torch.full((n, 1), token), x], 1), target(task, x)
+    """``n`` random sequences: tokens ``[n, 9]`` (task token, 8 symbols), targets ``[n, 8]``."""
+    x = torch.randint(0, SYMBOLS, (n, LENGTH), generator=g)
+    return torch.cat([torch.full((n, 1), task_token(task)), x], 1), target(task, x)
 
 
 @dataclass
@@ -83,7 +94,7 @@ class SeqConfig:
     blocks: int = 2
     rank: int = 16
     alpha: float = 32.0
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 3000          # all nine pre-training tasks reach 100% token accuracy
     pretrain_lr: float = 2e-3
     adapter_steps: int = 800
     adapter_lr: float = 3e-3
@@ -98,7 +109,7 @@ class SeqConfig:
 
 
 class SeqModel(nn.Module):
-    """Token ids ``[N, 9]`` -> digit logits ``[N, 8, 10]`` at positions 1..8; every Linear of
+    """Token ids ``[N, 9]`` -> symbol logits ``[N, 8, 64]`` at positions 1..8; every Linear of
     the blocks is addressed by name (``b0.q`` ...) so dense updates can be added to it."""
 
     def __init__(self, cfg: SeqConfig):
@@ -117,7 +128,7 @@ class SeqModel(nn.Module):
             self.norms[f"b{i}_attn"] = nn.LayerNorm(d)
             self.norms[f"b{i}_mlp"] = nn.LayerNorm(d)
         self.final = nn.LayerNorm(d)
-        self.head = nn.Linear(d, DIGITS)
+        self.head = nn.Linear(d, SYMBOLS)
 
     def _linear(self, name: str, x: torch.Tensor, deltas) -> torch.Tensor:
         layer = self.lin[name.replace(".", "_")]
@@ -188,7 +199,7 @@ def pretrain(cfg: SeqConfig) -> SeqModel:
     def loss():
         tok, y = zip(*(batch(t, per, g) for t in PRETRAIN_TASKS))
         logits = model(torch.cat(tok))
-        return nn.functional.cross_entropy(logits.reshape(-1, DIGITS), torch.cat(y).reshape(-1))
+        return nn.functional.cross_entropy(logits.reshape(-1, SYMBOLS), torch.cat(y).reshape(-1))
 
     _train(list(model.parameters()), loss, cfg.pretrain_steps, cfg.pretrain_lr)
     with torch.no_grad():
@@ -212,7 +223,7 @@ def train_adapter(model: SeqModel, cfg: SeqConfig, task: str, seed: int) -> SeqA
     def loss():
         tok, y = batch(task, cfg.batch_size, g)
         logits = model(tok, {n: scaling * B[n] @ A[n] for n in A})
-        return nn.functional.cross_entropy(logits.reshape(-1, DIGITS), y.reshape(-1))
+        return nn.functional.cross_entropy(logits.reshape(-1, SYMBOLS), y.reshape(-1))
 
     _train(list(A.values()) + list(B.values()), loss, cfg.adapter_steps, cfg.adapter_lr)
     # stored in fp16 (a few MB per zoo); the rounded factors are the adapter that is evaluated
