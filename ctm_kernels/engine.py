@@ -708,7 +708,7 @@ class _HOOISolve:
                 check = active & ~was_fast & (step_v <= self.tol)
                 if bool(check.any()):
                     U2, _ = self._half(True, V1, U1, check)
-                    step = torch.where(check, torch.maximum(step_v, sin_angle(U1, U2)), step_v)
+                    step = torch.where(check, torch.maximum(step_v, _on(check, sin_angle, U1, U2)), step_v)
         else:
             step = torch.maximum(_on(active, sin_angle, self.U, U1), step_v)
         self.iters += active.long()

@@ -55,7 +55,7 @@ CIPHER_TABLES = [torch.randperm(SYMBOLS, generator=_seeded(77 + i)) for i in ran
 def _dialect_table(i: int) -> torch.Tensor:
     changed = torch.randperm(SYMBOLS, generator=_seeded(300 + i))[:DIALECT_CHANGES]
     source = torch.arange(SYMBOLS)
-    source[changed] = changed.roll(1)          # each changed symbol takes the next one's output
+    source[changed] = changed.roll(1)          # changed[k] takes changed[k - 1]'s output
     return CIPHER_TABLES[i][source]
 
 
