@@ -1,12 +1,13 @@
-"""Merge quality on both zoos at ranks 16 and 32 over three training seeds: one table per zoo.
+"""Merge quality on the zoos at ranks 16 and 32 over three training seeds: one table per zoo.
 
-``python -m benchmarks.quality.tables [--quick] [--protocol paper] [--zoos digits seq]`` (from
-the repository root) merges
+``python -m benchmarks.quality.tables [--quick] [--protocol paper] [--zoos digits seq seq_families]``
+(from the repository root) merges
 
 * the digits zoo (``zoo.py``: MLP, rank-8 LoRA on fc2/fc3, a head per task); seed 0 is the
   committed zoo, seeds 1 and 2 are retrained (seconds each), as ``digits.py``'s replicates;
-* the sequence zoo (``seqzoo.py``: a transformer, rank-16 LoRA on q/k/v/o and the MLP, one shared
-  frozen head); the three seeds are committed under ``zoo_seq/seed<k>/``;
+* the two sequence zoos (``seqzoo.py``: a transformer, rank-16 LoRA on q/k/v/o and the MLP, one
+  shared frozen head; ``seq``: one dialect per task, ``seq_families``: six); the three seeds of
+  each are committed under ``zoo_seq[_families]/seed<k>/``;
 
 with CtM, MtC, core-space MtC and full-parameter merging for sum, TIES, DARE-TIES, TSV and Iso-C,
 chooses the parameters on validation (``digits.RunConfig`` grids; ``--protocol paper``: the CtM
@@ -75,6 +76,21 @@ def energy_stats(out: dict) -> dict:
     return rows
 
 
+def interference(zoo, ev) -> dict[int, float]:
+    """Full-parameter sum of the first ``k`` adapters at full strength (lambda 1), for k = 1, 2,
+    4, ... up to all of them: the mean normalised test accuracy on those ``k`` tasks. How much
+    the adapters disturb each other before any rank limit or rule."""
+    each = [a.deltas() for a in zoo.adapters]
+    T, out, k = len(each), {}, 1
+    while True:
+        k = min(k, T)
+        summed = {name: sum(d[name] for d in each[:k]) for name in each[0]}
+        out[k] = sum(ev.normalised(ev.accuracies(summed, "test"), "test")[:k]) / k
+        if k == T:
+            return out
+        k *= 2
+
+
 def zoo_runs(kind: str, seeds, cfg: digits.RunConfig, log=print):
     """Yields ``(seed, layers, run output)`` for each seed of zoo ``kind``."""
     data = Digits() if kind == "digits" else None
@@ -85,10 +101,12 @@ def zoo_runs(kind: str, seeds, cfg: digits.RunConfig, log=print):
             zoo = load_zoo(ZOO_DIR) if seed == 0 else train_zoo(
                 ZooConfig(base_seed=base.base_seed + seed, adapter_seed=base.adapter_seed + 100 * seed), data,
                 log=lambda *a: None)
-            out = digits.run(zoo, data, cfg, log=lambda *a: None)
+            ev = digits.Evaluator(zoo, data)
         else:
-            zoo = seqzoo.load_zoo(seqzoo.SEQ_DIR / f"seed{seed}")
-            out = digits.run(zoo, None, cfg, log=lambda *a: None, evaluator=seqzoo.SeqEvaluator(zoo))
+            zoo = seqzoo.load_zoo(seqzoo.zoo_dir(kind) / f"seed{seed}")
+            ev = seqzoo.SeqEvaluator(zoo)
+        out = digits.run(zoo, data, cfg, log=lambda *a: None, evaluator=ev)
+        out["interference"] = interference(zoo, ev)
         log(f"{kind} seed {seed}: {time.perf_counter() - t0:.0f} s")
         yield seed, digits.layer_factors(zoo), out
 
@@ -124,12 +142,13 @@ def summarise(kind: str, per_seed: list[tuple], cfg: digits.RunConfig) -> dict:
     return {"zoo": kind, "seeds": [s for s, _, _ in per_seed], "rows": rows, "wins": wins,
             "spectrum": [spectrum_stats(layers) for _, layers, _ in per_seed],
             "energy_kept": [energy_stats(out) for _, _, out in per_seed],
+            "interference": [out["interference"] for _, _, out in per_seed],
             "individual_test_acc": [out["individual_test_acc"] for _, _, out in per_seed],
             "modules": len(first_layers)}
 
 
 def to_markdown(summaries: list[dict], cfg: digits.RunConfig, meta: dict, seconds: float) -> str:
-    lines = ["# Merge quality on both zoos, three training seeds", "",
+    lines = ["# Merge quality on the zoos, three training seeds", "",
              f"{meta['date']}, commit `{meta['commit']}`, {meta['machine']['cpu']}, torch {meta['versions']['torch']}. "
              f"Run time {seconds:.0f} s. Protocol `{cfg.protocol}`: lambda grid "
              f"{digits._grid_text(cfg.lambdas)}, top_k {list(cfg.top_ks)}, DARE p {list(cfg.dare_ps)} (seed 0), "
@@ -146,6 +165,9 @@ def to_markdown(summaries: list[dict], cfg: digits.RunConfig, meta: dict, second
         lines += ["Energy kept by the rank-r subspaces (mean share of ||dW_t||^2), per seed: " + "; ".join(
             ", ".join(f"r={rank}: CtM {e['ctm']:.2f} / MtC-sum {e['mtc_sum']:.2f}" for rank, e in es.items())
             for es in s["energy_kept"]), ""]
+        lines += ["Full-parameter sum of the first k adapters at lambda 1 (mean normalised accuracy on their k tasks), "
+                  "per seed: " + "; ".join(", ".join(f"k={k}: {acc:.1f}" for k, acc in it.items())
+                                           for it in s["interference"]), ""]
         for rank in cfg.ranks:
             body = []
             for rule in cfg.rules:
@@ -170,7 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="seed 0 only, rank 16, sum and TIES, small grids")
     parser.add_argument("--protocol", choices=("project", "paper"), default="project")
-    parser.add_argument("--zoos", nargs="+", choices=("digits", "seq"), default=["digits", "seq"])
+    kinds = ["digits"] + sorted(seqzoo.ZOOS)
+    parser.add_argument("--zoos", nargs="+", choices=kinds, default=kinds)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
