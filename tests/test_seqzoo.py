@@ -1,6 +1,8 @@
 """The sequence zoo's tasks (known answers), model plumbing and a tiny end-to-end training."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,8 +64,13 @@ def test_zoo_tasks_and_families():
     assert fam.members("family_2") == [f"dialect_{j}" for j in range(12, 18)]
     members = [d for t in fam.tasks for d in fam.members(t)]
     assert sorted(int(d.split("_")[1]) for d in members) == list(range(48))
-    with pytest.raises(ValueError, match="families of 5"):
-        seqzoo.SeqConfig(ciphers=48, family_size=5)
+    for bad, message in (({"family_size": 5}, "families of 5"), ({"family_size": 0}, "families of 0"),
+                         ({"ciphers": 49}, "ciphers must be in")):
+        with pytest.raises(ValueError, match=message):
+            seqzoo.SeqConfig(**{"ciphers": 48, **bad})
+    # a config made from another by dataclasses.replace has a task list of its own
+    again = dataclasses.replace(fam, seed=2)
+    assert again.tasks == fam.tasks and again.tasks is not fam.tasks
 
 
 def test_family_batch_takes_its_dialects_in_turn():

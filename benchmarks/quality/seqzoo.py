@@ -126,10 +126,12 @@ class SeqConfig:
     tasks: list[str] | None = None      # None: every task of the zoo (``lora_tasks``)
 
     def __post_init__(self):
-        if not 1 <= self.ciphers <= MAX_CIPHERS or self.ciphers % self.family_size:
+        if not 1 <= self.ciphers <= MAX_CIPHERS:
+            raise ValueError(f"seqzoo.py: ciphers must be in [1, {MAX_CIPHERS}], got {self.ciphers}")
+        if self.family_size < 1 or self.ciphers % self.family_size:
             raise ValueError(f"seqzoo.py: {self.ciphers} ciphers do not make families of {self.family_size}")
-        if self.tasks is None:
-            self.tasks = list(self.lora_tasks)
+        # a list of its own: dataclasses.replace passes the old config's list along
+        self.tasks = list(self.lora_tasks if self.tasks is None else self.tasks)
 
     @property
     def pretrain_tasks(self) -> tuple[str, ...]:
@@ -233,8 +235,8 @@ def token_accuracy(model: SeqModel, deltas, tokens: torch.Tensor, y: torch.Tenso
 
 
 def eval_sets(cfg: SeqConfig, task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed val and test sequences of ``task`` (seeded by the task's position, not the zoo seed,
-    so every zoo is measured on the same sequences)."""
+    """Fixed val and test sequences of ``task``, seeded by the task's position in ``cfg.tasks``,
+    not by the zoo seed: the three seeds of a zoo are measured on the same sequences."""
     g = torch.Generator().manual_seed(10_000 + cfg.tasks.index(task))
     return {"val": batch(cfg.members(task), cfg.eval_size, g), "test": batch(cfg.members(task), cfg.eval_size, g)}
 

@@ -15,7 +15,8 @@ paper's search) and reports, per zoo, rank, rule and method, the mean normalised
 over the seeds, its spread (max - min) and on how many seeds CtM beats MtC and core-space MtC.
 It also measures what explains the result: the adapters' effective rank (directions for 90% of
 each update's energy, share of the first), how much the tasks' updates overlap (mean |cosine|
-between two tasks' updates of a module) and the energy each rank-r subspace keeps.
+between two tasks' updates of a module), the energy each rank-r subspace keeps, and how much the
+adapters disturb each other at full strength (``interference``).
 Writes ``benchmarks/results/quality_tables[_paper][_quick].{json,md}``.
 """
 from __future__ import annotations
