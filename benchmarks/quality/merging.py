@@ -28,6 +28,14 @@ METHODS = ("ctm", "ctm_b1", "mtc", "core_mtc", "full")
 RANKED = ("ctm", "ctm_b1", "mtc", "core_mtc")
 
 
+def update_spectrum(dW: torch.Tensor, energy: float = 0.9) -> tuple[int, float]:
+    """One update ``dW [m, n]``: the directions (singular vectors) needed for ``energy`` of
+    ``||dW||^2``, and the share of the first (the zoos' effective-rank statistic)."""
+    s2 = torch.linalg.svdvals(dW.double()) ** 2
+    share = s2.cumsum(0) / s2.sum()
+    return int((share < energy).sum()) + 1, float(share[0])
+
+
 @dataclass
 class LayerFactors:
     """One layer's adapters: ``A[t] [r_t, n]``, ``B[t] [m, r_t]``, LoRA scaling ``scales[t]``."""

@@ -43,6 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .merging import update_spectrum
+
 HERE = Path(__file__).resolve().parent
 SYMBOLS, LENGTH = 64, 8
 MAX_CIPHERS, DIALECT_CHANGES = 48, 32    # ciphers of the larger zoo; symbols a dialect remaps
@@ -293,13 +295,7 @@ def train_adapter(model: SeqModel, cfg: SeqConfig, task: str, seed: int) -> SeqA
 def effective_rank(adapters: list[SeqAdapter], energy: float = 0.9) -> dict:
     """Per module update ``dW_t``: directions needed for ``energy`` of ``||dW_t||^2`` and the
     share of its first direction, averaged over adapters and modules (min and max too)."""
-    needed, first = [], []
-    for a in adapters:
-        for dW in a.deltas().values():
-            s2 = torch.linalg.svdvals(dW.double()) ** 2
-            share = s2.cumsum(0) / s2.sum()
-            needed.append(int((share < energy).sum()) + 1)
-            first.append(float(share[0]))
+    needed, first = zip(*(update_spectrum(dW, energy) for a in adapters for dW in a.deltas().values()))
     return {"energy": energy, "directions_mean": sum(needed) / len(needed), "directions_min": min(needed),
             "directions_max": max(needed), "first_share_mean": sum(first) / len(first), "first_share_max": max(first)}
 

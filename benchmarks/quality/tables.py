@@ -32,6 +32,7 @@ import torch
 from ctm_kernels import reference
 
 from . import digits, seqzoo
+from .merging import update_spectrum
 from .report import RESULTS_DIR, markdown_table, metadata, write_json
 from .tasks import Digits
 from .zoo import ZOO_DIR, ZooConfig, load_zoo, train_zoo
@@ -53,10 +54,9 @@ def spectrum_stats(layers) -> dict:
     for layer in layers:
         dW = reference.dense_updates(layer.A, layer.B, layer.scales)          # [T, m, n]
         for d in dW:
-            s2 = torch.linalg.svdvals(d) ** 2
-            share = s2.cumsum(0) / s2.sum()
-            needed.append(int((share < 0.9).sum()) + 1)
-            first.append(float(share[0]))
+            n, f = update_spectrum(d)
+            needed.append(n)
+            first.append(f)
         flat = dW.flatten(1)
         flat = flat / flat.norm(dim=1, keepdim=True)
         cos = (flat @ flat.T).abs()
