@@ -440,9 +440,10 @@ class _Anderson:
 
     def step(self, x, g, hold, skip):
         """Next iterate from the current point ``x`` and its image ``g`` (``[L, R, r]``);
-        layers in ``hold [L]`` record the pair but take ``g``; layers in ``skip [L]`` (stopped
-        ones) take ``g`` and are not computed. Returns the next iterates and ``[L]``: which of
-        them are extrapolations (the others are ``g`` itself)."""
+        layers in ``hold [L]`` (gate shut) record the pair, take ``g`` and are not computed;
+        layers in ``skip [L]`` (stopped ones) take ``g`` and are not computed either. Returns
+        the next iterates and ``[L]``: which of them are extrapolations (the others are ``g``
+        itself)."""
         L = x.shape[0]
         self._ensure(L, x.device)
         self.xs.append(x)
@@ -453,12 +454,12 @@ class _Anderson:
             self.gs.pop(0)
         k = len(self.xs)
         none = torch.zeros(L, dtype=torch.bool, device=x.device)
-        # a layer with fewer than two iterates since its last restart has no difference yet; it
-        # and the stopped layers take g. The others are computed, held ones too (a held layer
-        # whose extrapolation would be wild restarts its history all the same). Computing only
-        # these: a group of 32 gaussian 1024^2 layers spent 6.7 of its 12.6 s here when every
-        # stopped layer was still extrapolated each sweep
-        calc = ~skip & (self.age >= 2)
+        # only layers that will take the extrapolation are computed: not the stopped ones (a group
+        # of 32 gaussian 1024^2 layers spent 6.7 of its 12.6 s here when they were), not the held
+        # ones (gaussian 2048^2, T = 8: 25 of 43 sweeps run with the gate shut, and computing
+        # their unused extrapolations was 13% of the solve), and not a layer with fewer than two
+        # iterates since its last restart (no difference yet)
+        calc = ~skip & ~hold & (self.age >= 2)
         if k < 2 or not bool(calc.any()):
             return g, none
         idx = calc.nonzero().squeeze(1)
@@ -484,11 +485,10 @@ class _Anderson:
         nxt = (G[..., -1:] - dG @ gamma).reshape(gi.shape)
         wild = ~torch.isfinite(nxt).all(-1).all(-1) | (gamma.abs().amax((-2, -1)) > 1e4)
         self.age[idx] = torch.where(wild, 0, age)
-        plain = hold[idx] | wild
-        Q, _ = torch.linalg.qr(torch.where(plain[:, None, None], gi, nxt))
+        Q, _ = torch.linalg.qr(torch.where(wild[:, None, None], gi, nxt))
         out, extrapolated = g.clone(), none.clone()
-        out[idx] = torch.where(plain[:, None, None], gi, Q)
-        extrapolated[idx] = ~plain
+        out[idx] = torch.where(wild[:, None, None], gi, Q)
+        extrapolated[idx] = ~wild
         return out, extrapolated
 
     def _ensure(self, L, device):

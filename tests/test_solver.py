@@ -95,6 +95,41 @@ def test_the_gate_is_what_keeps_the_fixed_point(monkeypatch):
     assert relerr(ungated.delta, plain.delta) > 1e-2
 
 
+def _wide_set(seed, T, m, n, kind):
+    """``T`` adapters of mixed ranks 12-16 on an ``m x n`` layer: whitened problems of 256 and
+    more, where topk_eigh takes LAPACK's partial solver."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = [int(r) for r in torch.randint(12, 17, (T,), generator=g)]
+    A = [torch.randn(r, n, generator=g, dtype=torch.float64) for r in ranks]
+    B = [torch.randn(m, r, generator=g, dtype=torch.float64) / m ** 0.5 for r in ranks]
+    if kind == "structured":
+        Us, Vs = torch.randn(m, 2, generator=g, dtype=torch.float64) / m ** 0.5, torch.randn(2, n, generator=g, dtype=torch.float64)
+        for a, b in zip(A, B):
+            b[:, :2] = 3.0 * Us + 0.3 * b[:, :2]
+            a[:2] = 3.0 * Vs + 0.3 * a[:2]
+    scales = torch.exp(0.8 * torch.randn(T, generator=g, dtype=torch.float64)).tolist()
+    return A, B, scales
+
+
+@pytest.mark.parametrize("seed,T,m,n,kind,beta", [(0, 20, 300, 280, "gaussian", 0.0),
+                                                  (1, 22, 260, 400, "structured", 1.0),
+                                                  (2, 24, 330, 330, "gaussian", 0.5)],
+                         ids=["gaussian-300x280-T20", "structured-260x400-T22", "gaussian-330-T24-beta0.5"])
+def test_partial_eigensolver_keeps_the_fixed_point(seed, T, m, n, kind, beta, monkeypatch):
+    """The HOOI half-steps' top-r pairs from LAPACK's partial solver or from a full eigh: the same
+    fixed point at tight tol (merged updates within 1e-6), in as many sweeps give or take a few."""
+    A, B, scales = _wide_set(seed, T, m, n, kind)
+    kw = dict(rank=16, method="sum", beta=beta, scales=scales, stop="subspace", tol=1e-10, max_iter=20000)
+    routes = {}
+    for route in ("lapack", "partial"):
+        monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", route)
+        routes[route] = ck.merge_layer(A, B, **kw)
+    full, partial = routes["lapack"], routes["partial"]
+    assert full.info.converged and partial.info.converged
+    assert relerr(partial.delta, full.delta) <= 1e-6
+    assert abs(partial.info.objective - full.info.objective) <= 1e-12 * abs(full.info.objective)
+
+
 def _record_objectives(monkeypatch):
     seen, sweep = [], engine._HOOISolve.sweep
 
@@ -223,23 +258,30 @@ def test_polar_factor_is_the_svd_one(cond):
     assert relerr(got.mT @ got, torch.eye(r, dtype=torch.float64).expand_as(got)) <= 1e-12
 
 
-def test_anderson_step_leaves_stopped_layers_alone(monkeypatch):
-    """Stopped layers (``skip``) take their image and are not computed: the polar factors of the
-    history are formed for the other layers only."""
+def test_anderson_step_leaves_stopped_and_held_layers_alone(monkeypatch):
+    """Stopped layers (``skip``) and layers whose gate is shut (``hold``) take their image and are
+    not computed: the polar factors of the history are formed for the other layers only. A held
+    layer still records its pairs, so it extrapolates as soon as its gate opens."""
     g = torch.Generator().manual_seed(5)
-    L, R, r = 3, 24, 4
+    L, R, r = 4, 24, 4
     base = _orthonormal_batch(g, L, R, r)
     layers_seen = []
     polar = engine._polar
     monkeypatch.setattr(engine, "_polar", lambda M: layers_seen.append(M.shape[1]) or polar(M))
     acc = engine._Anderson()
-    skip = torch.tensor([False, True, False])
-    hold = torch.zeros(L, dtype=torch.bool)
+    skip = torch.tensor([False, True, False, False])
+    hold = torch.tensor([False, False, False, True])
     x = base
-    for i in range(4):
+    for i in range(5):
+        if i == 4:
+            hold[3] = False                 # the gate opens
+            layers_seen.clear()
         img = torch.linalg.qr(base + 0.3 ** (i + 1) * torch.randn(L, R, r, generator=g, dtype=torch.float64))[0]
         nxt, extrapolated = acc.step(x, img, hold, skip)
-        assert torch.equal(nxt[1], img[1]) and not bool(extrapolated[1])
+        for held in (1, 3) if i < 4 else (1,):
+            assert torch.equal(nxt[held], img[held]) and not bool(extrapolated[held])
+        if i == 3:
+            assert layers_seen and set(layers_seen) == {2}
         x = nxt
-    assert layers_seen and set(layers_seen) == {2}
-    assert bool(extrapolated[0]) and bool(extrapolated[2])
+    assert layers_seen == [3]
+    assert bool(extrapolated[0]) and bool(extrapolated[2]) and bool(extrapolated[3])
