@@ -208,6 +208,126 @@ def test_subspace_warm_start_needs_fewer_steps():
     assert int(warm.max()) < int(cold.max())
 
 
+def _spectrum_case(kind, p, seed, dtype):
+    """``[3, p, p]`` symmetric matrices: ``decaying`` (a half-step's ``Z Z^T``), ``padded`` (half
+    the rows and columns zero: rank padding with R > m), ``ill`` (eigenvalues 1 down to 1e-12),
+    ``indefinite`` (symmetric with negative eigenvalues: the algebraically largest are wanted)."""
+    g = _gen(seed)
+    if kind == "decaying":
+        M = psd(3, p, p // 2, seed)
+    elif kind == "padded":
+        M = torch.zeros(3, p, p, dtype=torch.float64)
+        M[:, : p // 2, : p // 2] = psd(3, p // 2, p // 2, seed)
+    elif kind == "ill":
+        Q = torch.linalg.qr(torch.randn(3, p, p, generator=g, dtype=torch.float64)).Q
+        M = (Q * torch.logspace(0, -12, p, dtype=torch.float64)) @ Q.mT
+    else:
+        X = torch.randn(3, p, p, generator=g, dtype=torch.float64)
+        M = (X + X.mT) / 2
+    return ((M + M.mT) / 2).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind,p,k", [("decaying", 256, 16), ("decaying", 257, 1), ("decaying", 300, 75),
+                                      ("padded", 262, 16), ("ill", 200, 13), ("indefinite", 130, 32)],
+                         ids=["p256-k16", "p257-k1", "p300-k75-quarter", "padded-p262", "ill-p200-k13", "indefinite-p130"])
+def test_partial_topk_matches_float64_dense(kind, p, k, dtype):
+    """LAPACK's partial solver gives the top-k pairs of a float64 full decomposition: eigenvalues
+    to rounding of the largest, the top-k subspace by its projector (never raw vectors), every
+    entry written (outputs start NaN)."""
+    M = _spectrum_case(kind, p, seed=p, dtype=dtype)
+    w0, Q0 = torch.linalg.eigh(M.double())
+    w0, Q0 = w0.flip(-1)[:, :k], Q0.flip(-1)[..., :k]
+    w, Q = eig.topk_eigh(M, k, method="partial")
+    assert w.dtype == dtype and Q.shape == (3, p, k) and bool(torch.isfinite(Q).all())
+    eps = torch.finfo(dtype).eps
+    scale = torch.linalg.eigvalsh(M.double()).abs().amax(-1, keepdim=True)
+    assert float(((w.double() - w0).abs() / scale).max()) <= 50 * eps
+    # the subspace is defined where the k-th and (k+1)-th eigenvalues part: gap-scaled tolerance
+    full = torch.linalg.eigvalsh(M.double()).flip(-1)
+    gap = ((full[:, k - 1] - full[:, k]) / scale[:, 0]).min() if k < p else torch.tensor(1.0)
+    assert projector_err(Q.double(), Q0) <= 50 * p * eps / float(gap)
+    assert_close(Q.double().mT @ Q.double(), torch.eye(k, dtype=torch.float64).expand(3, k, k), dtype,
+                 what="orthonormal")
+
+
+def test_topk_eigh_takes_the_partial_solver_where_it_pays(monkeypatch):
+    """Where bench_partial_eigh measured it faster (PARTIAL_P by thread count, k <= p / 16);
+    the environment variable forces either route."""
+    monkeypatch.delenv("CTM_KERNELS_TOPK_EIGH", raising=False)
+    calls = []
+    partial = eig.partial_topk
+    monkeypatch.setattr(eig, "partial_topk", lambda M, k: calls.append((M.shape[-1], k)) or partial(M, k))
+    monkeypatch.setattr(eig, "PARTIAL_P", {1: (256, None), 2: (256, 1024)})
+    monkeypatch.setattr(eig, "PARTIAL_MAX_SHARE", 1 / 16)
+    threads = torch.get_num_threads()
+
+    def sizes_taken(n_threads, cases):
+        torch.set_num_threads(n_threads)
+        calls.clear()
+        for p, k in cases:
+            eig.topk_eigh(psd(1, p, p, 0), k)
+        return list(calls)
+    try:
+        assert sizes_taken(1, [(256, 16), (256, 17), (255, 15), (1024, 64), (64, 4)]) == [(256, 16), (1024, 64)]
+        assert sizes_taken(2, [(512, 16), (1024, 16)]) == [(512, 16)]
+        assert sizes_taken(3, [(512, 16)]) == []            # not measured with more threads: full
+    finally:
+        torch.set_num_threads(threads)
+    calls.clear()
+    monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "partial")
+    eig.topk_eigh(psd(1, 20, 20, 0), 3)
+    monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "lapack")
+    eig.topk_eigh(psd(1, 256, 256, 0), 16)
+    assert calls == [(20, 3)]
+    monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "fast")
+    with pytest.raises(ValueError, match="CTM_KERNELS_TOPK_EIGH must be 'lapack' or 'partial'"):
+        eig.topk_eigh(psd(1, 20, 20, 0), 3)
+
+
+def test_partial_topk_runs_on_one_blas_thread_and_hands_failures_to_torch(monkeypatch):
+    """scipy's OpenBLAS is held to one thread during the solve; a layer that LAPACK refuses is
+    solved by torch.linalg.eigh (so errors are torch's), the others keep the partial answer."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    solve = scipy.linalg.eigh
+
+    def failing_on_second(a, **kw):
+        seen.append(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+        if len(seen) == 2:
+            raise scipy.linalg.LinAlgError("did not converge")
+        return solve(a, **kw)
+    monkeypatch.setattr(scipy.linalg, "eigh", failing_on_second)
+    M = psd(3, 40, 40, 7)
+    w, Q = eig.partial_topk(M, 5)
+    assert seen == [1, 1, 1]
+    w0, Q0 = eig.topk_eigh(M, 5, method="lapack")
+    assert_close(w, w0, torch.float64, what="eigenvalues")
+    assert projector_err(Q, Q0) < 1e-10
+    monkeypatch.setattr(scipy.linalg, "eigh", solve)
+    bad = M.clone()
+    bad[1, 2, 3] = bad[1, 3, 2] = float("nan")      # refused by scipy: torch's answer or error
+    try:
+        want = torch.linalg.eigh(bad[1])
+    except torch.linalg.LinAlgError:
+        with pytest.raises(torch.linalg.LinAlgError):
+            eig.partial_topk(bad, 5)
+    else:
+        w, _ = eig.partial_topk(bad, 5)
+        assert torch.allclose(w[1], want[0].flip(-1)[:5], equal_nan=True)
+
+
+def test_partial_topk_checks_its_arguments():
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        eig.partial_topk(torch.empty(1, 4, 4, device="meta"), 2)
+    with pytest.raises(ValueError, match=r"k must be in \[0, 4\]"):
+        eig.partial_topk(torch.eye(4, dtype=torch.float64)[None], 5)
+    w, Q = eig.partial_topk(torch.eye(4, dtype=torch.float64)[None], 0)
+    assert w.shape == (1, 0) and Q.shape == (1, 4, 0)
+
+
 def test_topk_eigh_with_start_falls_back_to_dense_when_not_converged():
     M = psd(3, 40, 15, 5)
     w0, Q0 = eig.topk_eigh(M, 3)

@@ -135,13 +135,13 @@ def test_dense_solve_survives_a_float32_eigensolver_failure(monkeypatch):
     Z = torch.zeros(1, 210, 84, dtype=torch.float64)
     Z[:, :105] = torch.randn(1, 105, 84, generator=g, dtype=torch.float64)
     want_w, want_U = topr.top_r_dense(Z, 6)
-    solve = topr.eigh_batched
+    solve = topr.topk_eigh
 
-    def failing_in_float32(M):
+    def failing_in_float32(M, k):
         if M.dtype == torch.float32:
             raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
-        return solve(M)
-    monkeypatch.setattr(topr, "eigh_batched", failing_in_float32)
+        return solve(M, k)
+    monkeypatch.setattr(topr, "topk_eigh", failing_in_float32)
     w, U = topr.top_r_dense(Z.float(), 6)
     assert w.dtype == torch.float32 and U.dtype == torch.float32
     assert torch.allclose(w.double(), want_w, rtol=1e-5)

@@ -3,12 +3,17 @@
 * :func:`eigh_batched` - full decomposition, ascending like ``torch.linalg.eigh``. On the
   CPU it uses the compiled cyclic Jacobi of csrc/ (``torch.ops.ctm_kernels.jacobi_eigh``)
   where that was measured faster than LAPACK, and ``torch.linalg.eigh`` elsewhere.
-* :func:`topk_eigh` - the ``k`` largest eigenpairs, descending; with a starting block
-  ``X0`` and a large matrix it runs the warm-started :func:`subspace_topk`.
+* :func:`topk_eigh` - the ``k`` largest eigenpairs, descending. On the CPU, where measured
+  faster, LAPACK's partial solver (``?syevr`` with an index range, through scipy) computes
+  only those ``k``; with a starting block ``X0`` it can run the warm-started
+  :func:`subspace_topk`.
 * :func:`subspace_topk` - block subspace iteration with Rayleigh-Ritz for the top ``k``
   eigenpairs of positive semidefinite matrices, batched over layers.
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -48,7 +53,24 @@ JACOBI_MIN_BATCH = 8
 # (method="subspace").
 SUBSPACE_MIN_P = None
 
-METHODS = ("auto", "lapack", "jacobi")  # eigh_batched; topk_eigh also takes "subspace"
+# topk_eigh takes LAPACK's partial solver (?syevr: tridiagonal reduction, then MRRR for the k
+# wanted pairs only, which skips the back-transform of all p eigenvectors; one OpenBLAS thread)
+# for p x p matrices with p in PARTIAL_P[torch threads] and k <= PARTIAL_MAX_SHARE * p.
+# Measured by benchmarks/bench_partial_eigh.py (results/partial_eigh_cpu.json: full-rank
+# Z Z^T with flat and steep spectra, each solve right after a torch product, medians of 9),
+# full / partial:
+#   1 thread, k = 16: p = 128 0.6-0.8x, 192 0.8-1.0x, 256 1.09-1.31x, 512 1.49-1.83x,
+#     2048 1.56-1.90x; k = 64: p = 256 0.51-0.70x, 512 0.97-1.18x, 1024 1.32-1.54x;
+#   2 threads, k = 16: p = 256-512 0.89-1.52x (flat 1.11-1.52x), 1024-2048 0.86-1.12x (both
+#     threads of the full solve pay off there); k = 64 0.40-1.05x.
+# Not measured above 2 threads, where the full solve has more threads to use: full there.
+# In the engine (gaussian 1024^2, T = 32: 512 x 512 half-steps, k = 16), 3.17 -> 2.42 s on 2
+# threads and 4.46 -> 2.84 s on 1. CTM_KERNELS_TOPK_EIGH=lapack|partial forces one route for
+# topk_eigh's "auto".
+PARTIAL_P = {1: (256, None), 2: (256, 1024)}     # [lo, hi) by torch.get_num_threads()
+PARTIAL_MAX_SHARE = 1 / 16
+
+METHODS = ("auto", "lapack", "jacobi")  # eigh_batched; topk_eigh also takes "subspace", "partial"
 
 
 def _jacobi_pays(M: torch.Tensor) -> bool:
@@ -73,16 +95,91 @@ def eigh_batched(M, *, method="auto"):
     return torch.linalg.eigh(M)
 
 
+def _scipy_linalg():
+    try:
+        import scipy.linalg
+    except ImportError:
+        return None
+    return scipy.linalg
+
+
+_blas = {}
+
+
+def _one_blas_thread():
+    """A context that runs scipy's BLAS/LAPACK on one thread (a no-op without threadpoolctl).
+    The partial solve is mostly the tridiagonal reduction, which gained little from a second
+    thread, and a multi-threaded OpenBLAS competes with torch's OpenMP workers, which keep
+    spinning after each torch op: at p = 512, float32, 2 threads, after a torch product, 12.7 ms
+    on two OpenBLAS threads against 8.4 ms on one (benchmarks/bench_partial_eigh.py). The
+    controller is built once: building it scans the loaded libraries (0.55 ms), a limit on the
+    built one costs 13 us."""
+    if "controller" not in _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas["controller"] = ThreadpoolController().select(user_api="blas")
+        except ImportError:
+            _blas["controller"] = None
+    controller = _blas["controller"]
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1)
+
+
+def _partial_pays(M, k) -> bool:
+    p = M.shape[-1]
+    lo, hi = PARTIAL_P.get(torch.get_num_threads(), (None, None))
+    return (M.device.type == "cpu" and M.dtype in (torch.float32, torch.float64) and lo is not None
+            and lo <= p < (hi or p + 1) and 0 < k <= PARTIAL_MAX_SHARE * p and _scipy_linalg() is not None)
+
+
+def partial_topk(M, k):
+    """Top-``k`` pairs of each symmetric CPU ``M [L, p, p]`` (float32 or float64) from LAPACK's
+    ``?syevr`` with an index range -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``). A
+    layer the partial solver refuses (non-finite entries) or fails on is solved by
+    ``torch.linalg.eigh``, so errors and their messages are torch's."""
+    check_tensor(M, "eig", "M", 3, (torch.float32, torch.float64))
+    L, p, _ = M.shape
+    check(M.device.type == "cpu", "eig", f"the partial eigensolver runs on the CPU, M is on {M.device}")
+    check(isinstance(k, int) and 0 <= k <= p, "eig", f"k must be in [0, {p}], got {k!r}")
+    sl = _scipy_linalg()
+    check(sl is not None, "eig", "the partial eigensolver needs scipy (pip install scipy)")
+    w = M.new_full((L, k), float("nan"))
+    Q = M.new_full((L, p, k), float("nan"))
+    if k == 0:
+        return w, Q
+    with _one_blas_thread():
+        for l in range(L):
+            try:
+                wl, Ql = sl.eigh(M[l].numpy(), subset_by_index=[p - k, p - 1], driver="evr")
+            except (ValueError, sl.LinAlgError):
+                wl, Ql = (X[..., p - k:] for X in torch.linalg.eigh(M[l]))
+            w[l] = torch.as_tensor(wl).flip(-1)
+            Q[l] = torch.as_tensor(Ql).flip(-1)
+    return w, Q
+
+
 def topk_eigh(M, k, *, X0=None, method="auto", tol=1e-9, max_iter=100):
     """M ``[L, p, p]`` symmetric -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``).
 
+    ``method``: "auto" (the partial solver where measured faster, see PARTIAL_P; else a
+    full decomposition by :func:`eigh_batched`), "partial" (:func:`partial_topk`; raises where
+    it cannot run), "lapack", "jacobi" (a full decomposition by that route) or "subspace".
     ``X0 [L, p, k0]``: optional starting block (e.g. the previous iterate of an outer
     loop); when given with ``method="subspace"`` (or ``p >= SUBSPACE_MIN_P``), the top
     pairs come from :func:`subspace_topk` (M must then be positive semidefinite), with a
     dense solve for any layer that did not converge."""
     check(isinstance(k, int) and 0 <= k <= M.shape[-1], "eig", f"k must be in [0, {M.shape[-1]}], got {k!r}")
+    check(method in METHODS + ("subspace", "partial"), "eig",
+          f"method must be one of {METHODS + ('subspace', 'partial')}, got {method!r}")
     auto = method == "auto" and SUBSPACE_MIN_P is not None and M.shape[-1] >= SUBSPACE_MIN_P
     use_subspace = X0 is not None and (method == "subspace" or auto)
+    if method == "auto" and not use_subspace:
+        forced = os.environ.get("CTM_KERNELS_TOPK_EIGH") or None
+        check(forced in (None, "lapack", "partial"), "eig",
+              f"CTM_KERNELS_TOPK_EIGH must be 'lapack' or 'partial', got {forced!r}")
+        if forced == "partial" or (forced is None and _partial_pays(M, k)):
+            method = "partial"
+    if method == "partial":
+        return partial_topk(M, k)
     if use_subspace and k > 0:
         w, Q, _, ok = subspace_topk(M, k, X0, tol=tol, max_iter=max_iter)
         if not bool(ok.all()):

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ._common import check, check_tensor
-from .eig import eigh_batched
+from .eig import topk_eigh
 
 # Block of the factored solver: r + GUARD vectors, Krylov depth DEPTH per step. Measured on
 # the half-steps of a structured 2048^2, T = 128, r = 16 merge (k = p = 2048, float64, gap
@@ -88,18 +88,18 @@ def gram_rows(Z):
 
 def top_r_dense(Z, r):
     """``Z [L, k, p]`` -> the top-``r`` eigenpairs of ``Z Z^T``: (``[L, r]`` descending,
-    ``[L, k, r]``); the eigensolve is :func:`ops.eig.eigh_batched` (the compiled Jacobi where it
-    was measured faster). A float32 eigensolve that fails to converge is redone in float64:
-    LAPACK's float32 solver failed on a 210 x 210 ``Z Z^T`` with 105 zero rows (a rank-padded
-    set with R > m), which float64 solves."""
+    ``[L, k, r]``); the eigensolve is :func:`ops.eig.topk_eigh` (LAPACK's partial solver or a
+    full decomposition, whichever was measured faster at that size). A float32 eigensolve that
+    fails to converge is redone in float64: LAPACK's float32 solver failed on a 210 x 210
+    ``Z Z^T`` with 105 zero rows (a rank-padded set with R > m), which float64 solves."""
     M = gram_rows(Z)
+    r = min(r, M.shape[-1])
     try:
-        w, U = eigh_batched(M)
+        return topk_eigh(M, r)
     except torch.linalg.LinAlgError:
         if M.dtype == torch.float64:
             raise
-        w, U = (X.to(M.dtype) for X in eigh_batched(M.double()))
-    return w.flip(-1)[:, :r], U.flip(-1)[..., :r]
+        return tuple(X.to(M.dtype) for X in topk_eigh(M.double(), r))
 
 
 def _orth(X):
