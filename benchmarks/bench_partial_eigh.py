@@ -6,7 +6,8 @@ For each torch thread count, dtype, size p, spectrum and k: the matrix is ``M = 
 ``Z`` square and of full rank, as a half-step's (``p = T r`` columns): ``flat`` (gaussian
 entries, as gaussian adapters give) or ``steep`` (singular values from 1 down to 1e-3, as
 structured ones give). Matrices of low rank are not a stand-in: the full solver's divide and
-conquer deflates their zero eigenvalues, and at rank p / 2 it ran up to 2x faster than on these.
+conquer deflates their zero eigenvalues, and at rank p / 2 it ran up to 1.48x faster than on
+these.
 The partial pairs are checked first against a float64 full decomposition (eigenvalues relative
 to the largest, distance of the projectors onto the top-k subspace; a failed check stops the
 run). Then both are timed alternately, each right after a

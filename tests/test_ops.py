@@ -277,31 +277,40 @@ def test_topk_eigh_takes_the_partial_solver_where_it_pays(monkeypatch):
     calls.clear()
     monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "partial")
     eig.topk_eigh(psd(1, 20, 20, 0), 3)
-    monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "lapack")
+    monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "full")
     eig.topk_eigh(psd(1, 256, 256, 0), 16)
     assert calls == [(20, 3)]
     monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "fast")
-    with pytest.raises(ValueError, match="CTM_KERNELS_TOPK_EIGH must be 'lapack' or 'partial'"):
+    with pytest.raises(ValueError, match="CTM_KERNELS_TOPK_EIGH must be 'full' or 'partial'"):
         eig.topk_eigh(psd(1, 20, 20, 0), 3)
 
 
-def test_partial_topk_runs_on_one_blas_thread_and_hands_failures_to_torch(monkeypatch):
-    """scipy's OpenBLAS is held to one thread during the solve; a layer that LAPACK refuses is
-    solved by torch.linalg.eigh (so errors are torch's), the others keep the partial answer."""
-    import scipy.linalg
+def _blas_threads():
     from threadpoolctl import threadpool_info
+    return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def test_partial_topk_runs_on_one_blas_thread_and_hands_failures_to_torch(monkeypatch):
+    """scipy's OpenBLAS is held to one thread during the solve and given back its count after; a
+    layer that LAPACK refuses is solved by torch.linalg.eigh (so errors are torch's), the others
+    keep the partial answer."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
 
     seen = []
     solve = scipy.linalg.eigh
 
     def failing_on_second(a, **kw):
-        seen.append(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+        seen.append(max(_blas_threads()))
         if len(seen) == 2:
             raise scipy.linalg.LinAlgError("did not converge")
         return solve(a, **kw)
     monkeypatch.setattr(scipy.linalg, "eigh", failing_on_second)
     M = psd(3, 40, 40, 7)
-    w, Q = eig.partial_topk(M, 5)
+    with threadpool_limits(2, user_api="blas"):     # two threads outside, even on a one-core machine
+        before = _blas_threads()
+        w, Q = eig.partial_topk(M, 5)
+        assert _blas_threads() == before and max(before) == 2
     assert seen == [1, 1, 1]
     w0, Q0 = eig.topk_eigh(M, 5, method="lapack")
     assert_close(w, w0, torch.float64, what="eigenvalues")
@@ -319,13 +328,52 @@ def test_partial_topk_runs_on_one_blas_thread_and_hands_failures_to_torch(monkey
         assert torch.allclose(w[1], want[0].flip(-1)[:5], equal_nan=True)
 
 
-def test_partial_topk_checks_its_arguments():
-    with pytest.raises(ValueError, match="runs on the CPU"):
-        eig.partial_topk(torch.empty(1, 4, 4, device="meta"), 2)
-    with pytest.raises(ValueError, match=r"k must be in \[0, 4\]"):
-        eig.partial_topk(torch.eye(4, dtype=torch.float64)[None], 5)
-    w, Q = eig.partial_topk(torch.eye(4, dtype=torch.float64)[None], 0)
-    assert w.shape == (1, 0) and Q.shape == (1, 4, 0)
+def test_partial_topk_from_two_threads_leaves_the_blas_thread_count_alone():
+    """threadpoolctl's limit is process-wide and restores what it found: overlapping limits from
+    two Python threads once left OpenBLAS on one thread for good. Solves take turns."""
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    M = psd(2, 48, 48, 3)
+    with threadpool_limits(2, user_api="blas"):
+        before = _blas_threads()
+        errors = []
+
+        def work():
+            try:
+                for _ in range(30):
+                    eig.partial_topk(M, 4)
+            except Exception as exc:   # noqa: BLE001 - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and _blas_threads() == before
+
+
+def test_partial_route_takes_any_batch_shape_and_leaves_autograd_to_the_full_solve(monkeypatch):
+    monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "partial")
+    M = psd(4, 30, 30, 9)
+    w0, Q0 = eig.topk_eigh(M, 3, method="lapack")
+    for shaped, want in ((M[0], w0[:1]), (M.reshape(2, 2, 30, 30), w0)):
+        w, Q = eig.topk_eigh(shaped, 3)
+        assert w.shape == shaped.shape[:-2] + (3,) and Q.shape == shaped.shape[:-1] + (3,)
+        assert_close(w.reshape(-1, 3), want, torch.float64, what="eigenvalues")
+    with pytest.raises(ValueError, match="not differentiable"):
+        eig.topk_eigh(M.clone().requires_grad_(), 3)
+    monkeypatch.delenv("CTM_KERNELS_TOPK_EIGH")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        G = psd(1, 256, 256, 2).requires_grad_()
+        w, _ = eig.topk_eigh(G, 4)              # a size the partial solver takes, but it needs grad
+        w.sum().backward()
+        assert G.grad is not None and bool(torch.isfinite(G.grad).all())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_topk_eigh_with_start_falls_back_to_dense_when_not_converged():

@@ -148,6 +148,35 @@ def test_dense_solve_survives_a_float32_eigensolver_failure(monkeypatch):
     assert float((U.double() @ U.double().mT - want_U @ want_U.mT).norm()) <= 1e-4
 
 
+def test_float32_retry_reaches_through_the_partial_solver(monkeypatch):
+    """With the partial route taken and failing (LAPACK refuses, torch's float32 eigh does not
+    converge), the solve is still redone in float64 and returned in float32."""
+    import scipy.linalg
+
+    g = torch.Generator().manual_seed(4)
+    Z = torch.randn(2, 300, 40, generator=g, dtype=torch.float64)
+    want_w, want_U = topr.top_r_dense(Z, 8)
+    monkeypatch.setenv("CTM_KERNELS_TOPK_EIGH", "partial")
+
+    def refusing(a, **kw):
+        if a.dtype == "float32":
+            raise scipy.linalg.LinAlgError("did not converge")
+        return solve(a, **kw)
+    solve = scipy.linalg.eigh
+    monkeypatch.setattr(scipy.linalg, "eigh", refusing)
+    eigh = torch.linalg.eigh
+
+    def failing_in_float32(M):
+        if M.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return eigh(M)
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    w, U = topr.top_r_dense(Z.float(), 8)
+    assert w.dtype == torch.float32 and U.shape == (2, 300, 8)
+    assert torch.allclose(w.double(), want_w, rtol=1e-5)
+    assert float((U.double() @ U.double().mT - want_U @ want_U.mT).norm()) <= 1e-4
+
+
 def _count_routes(monkeypatch):
     """Wrap both top-r routes; returns the list of (route, steps) of every solve."""
     seen = []

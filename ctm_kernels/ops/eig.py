@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -53,8 +54,9 @@ JACOBI_MIN_BATCH = 8
 # (method="subspace").
 SUBSPACE_MIN_P = None
 
-# topk_eigh takes LAPACK's partial solver (?syevr: tridiagonal reduction, then MRRR for the k
-# wanted pairs only, which skips the back-transform of all p eigenvectors; one OpenBLAS thread)
+# topk_eigh takes LAPACK's partial solver (?syevr with an index range: tridiagonal reduction,
+# then bisection and inverse iteration for the k wanted pairs only, which skips the
+# back-transform of all p eigenvectors; one OpenBLAS thread)
 # for p x p matrices with p in PARTIAL_P[torch threads] and k <= PARTIAL_MAX_SHARE * p.
 # Measured by benchmarks/bench_partial_eigh.py (results/partial_eigh_cpu.json: full-rank
 # Z Z^T with flat and steep spectra, each solve right after a torch product, medians of 9),
@@ -65,8 +67,8 @@ SUBSPACE_MIN_P = None
 #     threads of the full solve pay off there); k = 64 0.40-1.05x.
 # Not measured above 2 threads, where the full solve has more threads to use: full there.
 # In the engine (gaussian 1024^2, T = 32: 512 x 512 half-steps, k = 16), 3.17 -> 2.42 s on 2
-# threads and 4.46 -> 2.84 s on 1. CTM_KERNELS_TOPK_EIGH=lapack|partial forces one route for
-# topk_eigh's "auto".
+# threads and 4.46 -> 2.84 s on 1. CTM_KERNELS_TOPK_EIGH=full|partial forces one route for
+# topk_eigh's "auto" (partial on a tensor it cannot take, a CUDA one, raises).
 PARTIAL_P = {1: (256, None), 2: (256, 1024)}     # [lo, hi) by torch.get_num_threads()
 PARTIAL_MAX_SHARE = 1 / 16
 
@@ -104,10 +106,16 @@ def _scipy_linalg():
 
 
 _blas = {}
+# threadpoolctl's limit is process-wide and restores what it found on entry: two overlapping
+# limits from two Python threads left OpenBLAS at one thread for good. Partial solves therefore
+# take turns.
+_blas_lock = threading.Lock()
 
 
+@contextlib.contextmanager
 def _one_blas_thread():
-    """A context that runs scipy's BLAS/LAPACK on one thread (a no-op without threadpoolctl).
+    """A context that runs scipy's BLAS/LAPACK on one thread (no limit without threadpoolctl),
+    one caller at a time (``_blas_lock``).
     The partial solve is mostly the tridiagonal reduction, which gained little from a second
     thread, and a multi-threaded OpenBLAS competes with torch's OpenMP workers, which keep
     spinning after each torch op: at p = 512, float32, 2 threads, after a torch product, 12.7 ms
@@ -121,48 +129,57 @@ def _one_blas_thread():
         except ImportError:
             _blas["controller"] = None
     controller = _blas["controller"]
-    return contextlib.nullcontext() if controller is None else controller.limit(limits=1)
+    with _blas_lock, (contextlib.nullcontext() if controller is None else controller.limit(limits=1)):
+        yield
 
 
 def _partial_pays(M, k) -> bool:
     p = M.shape[-1]
     lo, hi = PARTIAL_P.get(torch.get_num_threads(), (None, None))
-    return (M.device.type == "cpu" and M.dtype in (torch.float32, torch.float64) and lo is not None
-            and lo <= p < (hi or p + 1) and 0 < k <= PARTIAL_MAX_SHARE * p and _scipy_linalg() is not None)
+    return (M.device.type == "cpu" and M.dtype in (torch.float32, torch.float64) and not M.requires_grad
+            and lo is not None and lo <= p < (hi or p + 1) and 0 < k <= PARTIAL_MAX_SHARE * p
+            and _scipy_linalg() is not None)
 
 
 def partial_topk(M, k):
-    """Top-``k`` pairs of each symmetric CPU ``M [L, p, p]`` (float32 or float64) from LAPACK's
-    ``?syevr`` with an index range -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``). A
-    layer the partial solver refuses (non-finite entries) or fails on is solved by
-    ``torch.linalg.eigh``, so errors and their messages are torch's."""
-    check_tensor(M, "eig", "M", 3, (torch.float32, torch.float64))
-    L, p, _ = M.shape
+    """Top-``k`` pairs of each symmetric CPU ``M [..., p, p]`` (float32 or float64) from LAPACK's
+    ``?syevr`` with an index range -> (evals ``[..., k]`` descending, evecs ``[..., p, k]``). A
+    matrix the partial solver refuses (non-finite entries) or fails on is solved by
+    ``torch.linalg.eigh``, so errors and their messages are torch's. Not differentiable: a
+    tensor that requires grad is refused (``topk_eigh``'s auto gives it the full solve)."""
+    check(isinstance(M, torch.Tensor) and M.dim() >= 2 and M.shape[-1] == M.shape[-2], "eig",
+          f"M must be [..., p, p], got {tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
+    check(M.dtype in (torch.float32, torch.float64), "eig", f"the partial eigensolver takes float32 or float64, got {M.dtype}")
     check(M.device.type == "cpu", "eig", f"the partial eigensolver runs on the CPU, M is on {M.device}")
+    check(not M.requires_grad, "eig", "the partial eigensolver is not differentiable; use method='lapack'")
+    p = M.shape[-1]
     check(isinstance(k, int) and 0 <= k <= p, "eig", f"k must be in [0, {p}], got {k!r}")
     sl = _scipy_linalg()
     check(sl is not None, "eig", "the partial eigensolver needs scipy (pip install scipy)")
-    w = M.new_full((L, k), float("nan"))
-    Q = M.new_full((L, p, k), float("nan"))
-    if k == 0:
-        return w, Q
-    with _one_blas_thread():
-        for l in range(L):
-            try:
-                wl, Ql = sl.eigh(M[l].numpy(), subset_by_index=[p - k, p - 1], driver="evr")
-            except (ValueError, sl.LinAlgError):
-                wl, Ql = (X[..., p - k:] for X in torch.linalg.eigh(M[l]))
-            w[l] = torch.as_tensor(wl).flip(-1)
-            Q[l] = torch.as_tensor(Ql).flip(-1)
-    return w, Q
+    batch = M.shape[:-2]
+    Ms = M.reshape(-1, p, p)
+    w = M.new_full((Ms.shape[0], k), float("nan"))
+    Q = M.new_full((Ms.shape[0], p, k), float("nan"))
+    if k > 0:
+        with _one_blas_thread():
+            for l in range(Ms.shape[0]):
+                try:
+                    wl, Ql = sl.eigh(Ms[l].numpy(), subset_by_index=[p - k, p - 1], driver="evr")
+                except (ValueError, sl.LinAlgError):
+                    wl, Ql = (X[..., p - k:] for X in torch.linalg.eigh(Ms[l]))
+                w[l] = torch.as_tensor(wl).flip(-1)
+                Q[l] = torch.as_tensor(Ql).flip(-1)
+    return w.reshape(*batch, k), Q.reshape(*batch, p, k)
 
 
 def topk_eigh(M, k, *, X0=None, method="auto", tol=1e-9, max_iter=100):
-    """M ``[L, p, p]`` symmetric -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``).
+    """M ``[L, p, p]`` symmetric -> (evals ``[L, k]`` descending, evecs ``[L, p, k]``); the
+    full and partial routes take any batch shape ``[..., p, p]``.
 
     ``method``: "auto" (the partial solver where measured faster, see PARTIAL_P; else a
     full decomposition by :func:`eigh_batched`), "partial" (:func:`partial_topk`; raises where
     it cannot run), "lapack", "jacobi" (a full decomposition by that route) or "subspace".
+    ``$CTM_KERNELS_TOPK_EIGH`` (``full`` or ``partial``) overrides "auto"'s choice.
     ``X0 [L, p, k0]``: optional starting block (e.g. the previous iterate of an outer
     loop); when given with ``method="subspace"`` (or ``p >= SUBSPACE_MIN_P``), the top
     pairs come from :func:`subspace_topk` (M must then be positive semidefinite), with a
@@ -174,8 +191,8 @@ def topk_eigh(M, k, *, X0=None, method="auto", tol=1e-9, max_iter=100):
     use_subspace = X0 is not None and (method == "subspace" or auto)
     if method == "auto" and not use_subspace:
         forced = os.environ.get("CTM_KERNELS_TOPK_EIGH") or None
-        check(forced in (None, "lapack", "partial"), "eig",
-              f"CTM_KERNELS_TOPK_EIGH must be 'lapack' or 'partial', got {forced!r}")
+        check(forced in (None, "full", "partial"), "eig",
+              f"CTM_KERNELS_TOPK_EIGH must be 'full' or 'partial', got {forced!r}")
         if forced == "partial" or (forced is None and _partial_pays(M, k)):
             method = "partial"
     if method == "partial":
