@@ -7,12 +7,11 @@ For each torch thread count, dtype, size p, spectrum and k: the matrix is ``M = 
 entries, as gaussian adapters give) or ``steep`` (singular values from 1 down to 1e-3, as
 structured ones give). Matrices of low rank are not a stand-in: the full solver's divide and
 conquer deflates their zero eigenvalues, and at rank p / 2 it ran up to 1.48x faster than on
-these.
-The partial pairs are checked first against a float64 full decomposition (eigenvalues relative
-to the largest, distance of the projectors onto the top-k subspace; a failed check stops the
-run). Then both are timed alternately, each right after a
-torch product of the size of ``Z Z^T`` (in the engine a solve always follows one, and torch's
-OpenMP workers are still spinning then), medians of ``--repeat``. Writes JSON (machine,
+these. The partial pairs are checked first against a float64 full decomposition (eigenvalues
+relative to the largest, distance of the projectors onto the top-k subspace; a failed check
+stops the run). Then both are timed alternately, each right after a torch product of the size
+of ``Z Z^T`` (in the engine a solve always follows one, and torch's OpenMP workers are still
+spinning then), medians of ``--repeat``. Writes JSON (machine,
 versions, commit, date, rows) to benchmarks/results/partial_eigh_cpu.json or --out.
 
     python benchmarks/bench_partial_eigh.py              # full table (about 6 min on 2 cores)

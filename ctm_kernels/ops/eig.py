@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -105,30 +106,32 @@ def _scipy_linalg():
     return scipy.linalg
 
 
-_blas = {}
 # threadpoolctl's limit is process-wide and restores what it found on entry: two overlapping
 # limits from two Python threads left OpenBLAS at one thread for good. Partial solves therefore
 # take turns.
 _blas_lock = threading.Lock()
 
 
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's handle on the loaded BLAS libraries (None without threadpoolctl), built
+    once, after scipy's LAPACK is loaded: building it scans the loaded libraries (0.55 ms), a
+    limit on the built one costs 13 us."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
 @contextlib.contextmanager
 def _one_blas_thread():
     """A context that runs scipy's BLAS/LAPACK on one thread (no limit without threadpoolctl),
-    one caller at a time (``_blas_lock``).
-    The partial solve is mostly the tridiagonal reduction, which gained little from a second
-    thread, and a multi-threaded OpenBLAS competes with torch's OpenMP workers, which keep
-    spinning after each torch op: at p = 512, float32, 2 threads, after a torch product, 12.7 ms
-    on two OpenBLAS threads against 8.4 ms on one (benchmarks/bench_partial_eigh.py). The
-    controller is built once: building it scans the loaded libraries (0.55 ms), a limit on the
-    built one costs 13 us."""
-    if "controller" not in _blas:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _blas["controller"] = ThreadpoolController().select(user_api="blas")
-        except ImportError:
-            _blas["controller"] = None
-    controller = _blas["controller"]
+    one caller at a time (``_blas_lock``). The partial solve is mostly the tridiagonal
+    reduction, which gained little from a second thread, and a multi-threaded OpenBLAS competes
+    with torch's OpenMP workers, which keep spinning after each torch op: at p = 512, float32,
+    2 threads, after a torch product, 12.7 ms on two OpenBLAS threads against 8.4 ms on one."""
+    controller = _blas_controller()
     with _blas_lock, (contextlib.nullcontext() if controller is None else controller.limit(limits=1)):
         yield
 
