@@ -459,3 +459,86 @@ def test_one_adapter_grammar(two, tmp_path, capsys):
     assert main(["merge", str(two[1]), "-o", str(tmp_path / "o"), "--rank", "2"]) == 0
     text = capsys.readouterr().out
     assert "merged 1 adapter into 1 module at rank 2" in text and "1 module group;" in text
+
+
+# ------------------------------------------------------------------------------------------
+# what users rely on: the full rank's cap, a config's weights, flags over a config, local paths over Hub ids
+
+
+def test_full_rank_capped_at_min_m_n_when_the_input_ranks_sum_above_it(tmp_path):
+    """Three rank-6 adapters: on a 16 x 24 module R = 18 > min(m, n) = 16, so ``full`` is 16 (a
+    rank-16 LoRA already holds any 16 x 24 update); on a 40 x 32 one it is the sum, 18, and the sum
+    is exact there. (On the capped module the three row spaces span 18 > 16 directions, so no
+    rank-16 V holds every adapter: CtM's sum is not exact there, and is not asserted.)"""
+    ads = [peft_folder(tmp_path / f"a{t}", {"m.q": _pair(16, 24, 6, 3 * t), "m.v": _pair(40, 32, 6, 3 * t + 1)},
+                       {"r": 6}) for t in range(3)]
+    res = ctm_kernels.merge(ads, rank="full", method="sum")
+    assert {mm.name: mm.rank for mm in res.modules} == {"m.q": 16, "m.v": 18}
+    ups = [peft_updates(a) for a in ads]
+    got = {mm.name: mm.update().double() for mm in res.modules}
+    torch.testing.assert_close(got["m.v"], sum(u["m.v"] for u in ups), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["weight-key", "parameters-weight"])
+def test_config_weights_give_the_bytes_of_the_weights_flag(two, tmp_path, form):
+    """Both spellings of an adapter's weight in a config (``weight: w`` and ``parameters: {weight: w}``)
+    weigh the adapter exactly as ``--weights`` does."""
+    a, b = two
+    flags = tmp_path / "flags"
+    assert main(["merge", str(a), str(b), "-o", str(flags), "--rank", "3", "--method", "sum",
+                 "--weights", "0.5,-2", "-q"]) == 0
+    spell = (lambda w: f"weight: {w}") if form == "weight-key" else (lambda w: f"parameters: {{weight: {w}}}")
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: sum\nrank: 3\nadapters:\n  - adapter: {a}\n    {spell(0.5)}\n"
+                   f"  - adapter: {b}\n    {spell(-2)}\noutput: from_config\n")
+    assert main(["merge", "--config", str(cfg), "-q"]) == 0
+    assert _tree(tmp_path / "from_config") == _tree(flags)
+
+
+def test_command_line_flags_override_the_config_file(two, tmp_path):
+    """README: options given on the command line override the config's: rank, method, weights and
+    output from the flags give the bytes of the same merge without a config."""
+    a, b = two
+    flags = tmp_path / "flags"
+    assert main(["merge", str(a), str(b), "-o", str(flags), "--rank", "2", "--method", "mean",
+                 "--weights", "1,3", "-q"]) == 0
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: sum\nrank: 4\nadapters:\n  - {{adapter: {a}, weight: 2}}\n  - {b}\n"
+                   "output: from_config\n")
+    line = tmp_path / "line"
+    assert main(["merge", "--config", str(cfg), "--rank", "2", "--method", "mean", "--weights", "1,3",
+                 "-o", str(line), "-q"]) == 0
+    assert not (tmp_path / "from_config").exists()
+    assert _tree(line) == _tree(flags)
+    res = ctm_kernels.merge([a, b], rank=4, method="sum")      # and the config's own settings differ
+    assert {mm.rank for mm in res.modules} == {4}
+
+
+def test_local_folder_named_like_a_hub_id_is_read_locally(tmp_path, monkeypatch):
+    """In a folder holding ``someone/lora/``, the source ``someone/lora`` is that folder, even when the
+    Hugging Face cache holds a repository of the same id (another adapter)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--lora"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (snap / f).write_bytes((EXAMPLES / "code" / f).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    work = tmp_path / "work"
+    (work / "someone" / "lora").mkdir(parents=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (work / "someone" / "lora" / f).write_bytes((EXAMPLES / "math" / f).read_bytes())
+    monkeypatch.chdir(work)
+    from ctm_kernels.io import hub
+    assert hub.hub_id("someone/lora") is None and hub.hub_id("someone/other") == ("someone/other", None)
+    got = ctm_kernels.merge(["someone/lora"], rank=8, method="sum")
+    want = ctm_kernels.merge([str(EXAMPLES / "math")], rank=8, method="sum")
+    for x, y in zip(got.modules, want.modules, strict=True):
+        assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
