@@ -53,8 +53,11 @@ def peft_folder(path: Path, modules: dict, config: dict) -> Path:
     ("model.layers.3.mlp.down_proj", {"proj": 5}),
     ("model.layers.3.mlp.xdown_proj", {"down_proj": 5}),
     ("down_proj", {"down_proj": 5}),
+    ("model.layers.0.self_attn.q_proj_x", {"q_proj": 1}),
+    ("model.layers.10.self_attn.q_proj", {"layers.1": 1, "layers.10.self_attn": 2}),
+    ("model.layers.0.mlp.up_proj_gate", {"up_proj": 1, "up_proj_gate": 2}),
 ], ids=["suffix", "no-partial-number", "specific-first", "generic-first", "regex", "partial-name",
-        "no-name-prefix", "bare-name"])
+        "no-name-prefix", "bare-name", "shared-prefix-name", "shared-prefix-path", "shared-prefix-second-key"])
 def test_pattern_key_matches_peft(module, patterns):
     get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
 
@@ -79,6 +82,39 @@ def test_peft_scaling_with_patterns(tmp_path, rslora):
     assert ad.modules["model.layers.1.self_attn.q_proj"].scale == pytest.approx(norm(8, 2))
     assert ad.modules["model.layers.0.self_attn.v_proj"].scale == pytest.approx(norm(3, 4))
     assert ad.modules["model.layers.1.self_attn.q_proj"].rank == 2
+
+
+def test_pattern_keys_anchored_at_the_end_of_the_module_name(tmp_path):
+    """``rank_pattern: {q_proj: 2}`` sets q_proj's rank, not that of a module whose name only starts
+    with it (``q_proj_x``); PEFT reads the same adapter the same way."""
+    mods = {"model.q_proj": _pair(8, 8, 2, 0), "model.q_proj_x": _pair(8, 8, 4, 1)}
+    cfg = {"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 6}}
+    ad = read_peft(peft_folder(tmp_path / "a", mods, cfg))
+    got = {n: (s.rank, s.alpha, s.scale) for n, s in ad.modules.items()}
+    assert got == {"model.q_proj": (2, 6.0, 3.0), "model.q_proj_x": (4, 8.0, 2.0)}
+    get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
+    for name, (r, alpha, _) in got.items():
+        assert cfg["rank_pattern"].get(get_pattern_key(list(cfg["rank_pattern"]), name), cfg["r"]) == r
+        assert cfg["alpha_pattern"].get(get_pattern_key(list(cfg["alpha_pattern"]), name), cfg["lora_alpha"]) == alpha
+
+
+def test_config_without_r_or_alpha_takes_peft_defaults(tmp_path):
+    """A config that leaves out ``lora_alpha`` (and ``r``) means what ``peft.LoraConfig()`` means
+    by default (alpha 8, r 8), not alpha = r."""
+    peft = pytest.importorskip("peft")
+    default = peft.LoraConfig()
+    mods = {"model.q_proj": _pair(8, 12, 4, 0)}
+    folder = peft_folder(tmp_path / "a", mods, {})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    spec = read_peft(folder).modules["model.q_proj"]
+    assert (spec.alpha, spec.scale) == (default.lora_alpha, default.lora_alpha / 4)
+    wide = peft_folder(tmp_path / "b", {"model.q_proj": _pair(8, 12, default.r, 1)}, {})
+    (wide / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    spec = read_peft(wide).modules["model.q_proj"]
+    assert (spec.rank, spec.alpha, spec.scale) == (default.r, default.lora_alpha, default.lora_alpha / default.r)
+    ad = open_adapter(({f"{P}model.q_proj.lora_A.weight": mods["model.q_proj"][0],
+                        f"{P}model.q_proj.lora_B.weight": mods["model.q_proj"][1]}, {"r": 4}), label="sd")
+    assert ad.modules["model.q_proj"].scale == default.lora_alpha / 4
 
 
 def test_rank_differs_from_config(tmp_path):
