@@ -256,6 +256,46 @@ def test_conv_lora_exact(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_conv1d_lora_round_trip_through_peft(tmp_path):
+    """Conv1d LoRA (A ``[r, in, k]``, B ``[out, r, 1]``): PEFT saves two adapters, the merge reads them
+    as kernels (not linear factors), writes factors of the stored layout, and PEFT loads the merged
+    adapter to the base plus both updates."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.conv = torch.nn.Conv1d(3, 6, 4, padding=1)
+            self.head = torch.nn.Linear(6 * 7, 5)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, r in enumerate((2, 3)):
+            pm = get_peft_model(Net(), LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=["conv"]))
+            _randomise_lora(pm, 40 + i)
+            pm.save_pretrained(tmp_path / f"c{i}")
+            paths.append(tmp_path / f"c{i}")
+    res = ctm_kernels.merge(list(map(str, paths)), rank=5, method="sum", output=tmp_path / "m")
+    (mm,) = res.modules
+    assert (mm.kind, tuple(mm.A.shape), tuple(mm.B.shape)) == ("conv", (5, 3, 4), (6, 5, 1))
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        got = PeftModel.from_pretrained(Net(), str(tmp_path / "m")).eval()(x)
+        pm = PeftModel.from_pretrained(Net(), str(paths[0]), adapter_name="x")
+        pm.load_adapter(str(paths[1]), adapter_name="y")
+        base = Net()
+        for name, mod in _lora_modules(pm).items():
+            base.get_submodule(name).weight += mod.get_delta_weight("x") + mod.get_delta_weight("y")
+        want = base(x)
+        plain = Net()(x)
+    assert float((want - plain).abs().max()) > 1e-2          # the updates matter to the output
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_real_dora_and_modules_to_save_refused(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
