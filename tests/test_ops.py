@@ -383,3 +383,70 @@ def test_topk_eigh_with_start_falls_back_to_dense_when_not_converged():
     w, Q = eig.topk_eigh(M, 3, X0=X0, method="subspace", max_iter=0)
     assert_close(w, w0, torch.float64, what="eigenvalues")
     assert projector_err(Q, Q0) < 1e-10
+
+
+def _separated(p, seed):
+    """``[2, p, p]`` symmetric, eigenvalues 1, 0.9, ... (well apart) and some negative ones, in random bases."""
+    g = _gen(seed)
+    Q = torch.linalg.qr(torch.randn(2, p, p, generator=g, dtype=torch.float64)).Q
+    lam = torch.linspace(1.0, -0.5, p, dtype=torch.float64)[torch.randperm(p, generator=g)]
+    return (Q * lam) @ Q.mT, lam.sort(descending=True).values
+
+
+@pytest.mark.parametrize("method", ["partial", "lapack", "jacobi", "auto"])
+def test_topk_eigh_pairs_each_eigenvalue_with_its_own_vector(method, monkeypatch):
+    """Every route returns pairs: ``M Q = Q diag(w)`` column by column, descending, column 0 the top
+    eigenvector (projector checks alone pass on values and vectors in different orders)."""
+    monkeypatch.delenv("CTM_KERNELS_TOPK_EIGH", raising=False)
+    if method == "jacobi" and not backend.compiled_op("jacobi_eigh", torch.device("cpu")):
+        pytest.skip("compiled ops not built")
+    for p, k in ((10, 4), (40, 3)):
+        M, lam = _separated(p, p)
+        w, Q = eig.topk_eigh(M, k, method=method)
+        assert torch.allclose(w, lam[:k].expand(2, k), atol=1e-12)
+        assert float((M @ Q - Q * w[:, None, :]).norm(dim=-2).max()) < 1e-10
+        top = torch.linalg.eigh(M).eigenvectors[..., -1]
+        assert bool(((Q[..., 0] * top).sum(-1).abs() > 1 - 1e-10).all())
+
+
+def test_partial_solves_never_overlap_from_two_threads(monkeypatch):
+    """Partial solves take turns (``_blas_lock``): the first solve to enter waits for a second one
+    to join it; two threads never find each other inside, whatever the scheduling."""
+    import threading
+
+    import scipy.linalg
+
+    solve = scipy.linalg.eigh
+    state = {"inside": 0, "most": 0, "entered": 0}
+    guard, joined = threading.Lock(), threading.Event()
+
+    def watched(a, **kw):
+        with guard:
+            state["inside"] += 1
+            state["entered"] += 1
+            state["most"] = max(state["most"], state["inside"])
+            first = state["entered"] == 1
+            if not first:
+                joined.set()
+        if first:
+            joined.wait(0.3)            # the lock holds a second solve out: it joins only after this
+        try:
+            return solve(a, **kw)
+        finally:
+            with guard:
+                state["inside"] -= 1
+    monkeypatch.setattr(scipy.linalg, "eigh", watched)
+    M = psd(1, 24, 24, 5)
+    errors = []
+
+    def work():
+        try:
+            eig.partial_topk(M, 3)
+        except Exception as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and state["entered"] == 2 and state["most"] == 1
