@@ -385,3 +385,65 @@ def test_accelerator_falls_back_when_it_stalls():
     out = ck.merge_layer(A, B, rank=16, method="sum", stop="subspace", tol=1e-9, max_iter=3000)
     assert out.info.converged
     assert relerr(out.B.double() @ out.A.double(), want.dW) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# what users rely on, through the public API whatever solver runs underneath
+
+
+def _deficient(kind, dtype):
+    """(A, B, scales, rank 8) of three rank-4 adapters whose updates span fewer than 8 directions.
+    ``factors``: rank-deficient factors (every A_t and B_t inside one 3-dimensional subspace per
+    side: the Grams are singular, the data spans 3 directions). ``updates``: full-rank B_t (the
+    Gram of B is regular) and rank-2 A_t, so the updates span 6 directions on each side while
+    the B factors span 12."""
+    if kind == "factors":
+        return _case("rank_deficient", dtype)
+    g = torch.Generator().manual_seed(9)
+    B = [torch.randn(28, 4, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    A = [(torch.randn(4, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 31, generator=g, dtype=torch.float64)
+          ).to(dtype) for _ in range(3)]
+    return A, B, [1.0, 0.5, 2.0], 8
+
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["fast", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", ["factors", "updates"], ids=["deficient-factors", "deficient-updates"])
+def test_bases_have_zero_columns_beyond_the_directions_the_adapters_span(kind, dtype, backend):
+    """At a rank above the number of directions the updates span (3 or 6 of 8, see ``_deficient``),
+    the bases' first columns are orthonormal and the others zero (never arbitrary vectors), and the
+    merged update is the exact sum."""
+    A, B, scales, rank = _deficient(kind, dtype)
+    dWs = ref.dense_updates(A, B, scales)
+    # (fp32 factors carry rounding-level directions, below every cut-off: not counted)
+    spans = [int(torch.linalg.matrix_rank(torch.cat(list(dWs), d), rtol=1e-5)) for d in (1, 0)]
+    assert spans == ([3, 3] if kind == "factors" else [6, 6]) and rank == 8
+    plan = ck.prepare(A, B, rank=rank, scales=scales, backend=backend)
+    for X, k in zip(plan.bases(), spans):
+        assert X.shape[-1] == rank
+        assert torch.count_nonzero(X[:, k:]) == 0, X[:, k:].abs().amax(0)
+        assert torch.allclose(X[:, :k].double().mT @ X[:, :k].double(), torch.eye(k, dtype=torch.float64), atol=1e-10)
+    out = plan.merge("sum")
+    assert relerr(out.B @ out.A, dWs.sum(0)) <= MERGE_RTOL[dtype]
+
+
+SCALE_CASES = ["mixed_ranks", "deficient_updates", "near_duplicate", "R_gt_m"]
+
+
+@pytest.mark.parametrize("side", ["B", "A"])
+@pytest.mark.parametrize("c", [1e-8, 1e8], ids=["c1e-8", "c1e8"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("case", SCALE_CASES)
+def test_merge_of_scaled_factors_is_the_scaled_merge(case, dtype, c, side):
+    """merge(c B) == merge(c A) == c merge(B, A): every cut-off (whitening, Cholesky pivots, null
+    directions, the stop test) is relative, so a tiny or huge adapter set merges like a unit one.
+    The cases take every whitening route (Cholesky, eigendecomposition of a singular Gram, the
+    outer Gram of R > m). ``c B`` rounds in fp32, hence the fp32 bound."""
+    A, B, scales, rank = _deficient("updates", dtype) if case == "deficient_updates" else _case(case, dtype)
+    kw = dict(rank=rank, scales=scales, method="ties", top_k=0.5, **TIGHT)
+    base = ck.merge_layer(A, B, **kw)
+    scale = lambda X: [(c * x.double()).to(dtype) for x in X]     # noqa: E731
+    scaled = ck.merge_layer(A, scale(B), **kw) if side == "B" else ck.merge_layer(scale(A), B, **kw)
+    want = c * (base.B.double() @ base.A.double())
+    assert scaled.B.dtype == dtype
+    assert relerr(scaled.B.double() @ scaled.A.double(), want) <= {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
