@@ -28,8 +28,11 @@ def open_adapter(source, label: str | None = None) -> Adapter:
     naming the file and key."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.exists() and isinstance(source, str) and hub.hub_id(source) is not None:
-            return _open_snapshot(hub.resolve(source), source)
+        if isinstance(source, str) and not path.exists():
+            ident = hub.hub_id(source)
+            if ident is not None:
+                return _open_snapshot(hub.resolve(source), source, ident[0])
+            raise AdapterError(hub.missing(source))
         if path.is_dir():
             return read_peft(path)
         if not path.exists():
@@ -53,7 +56,7 @@ def open_adapter(source, label: str | None = None) -> Adapter:
                        f"got {type(source).__name__}")
 
 
-def _open_snapshot(folder: Path, source: str) -> Adapter:
+def _open_snapshot(folder: Path, source: str, repo: str) -> Adapter:
     """A Hub snapshot: a PEFT adapter folder, or a repository holding one kohya file."""
     if (folder / CONFIG_NAME).is_file():
         ad = read_peft(folder)
@@ -65,7 +68,7 @@ def _open_snapshot(folder: Path, source: str) -> Adapter:
         ad = read_kohya(files[0])
     # reports and later errors name the adapter as the user did (its path in the cache says
     # little); the store keeps the path
-    return replace(ad, label=source)
+    return replace(ad, label=source, origin=f"{repo}@{folder.name}")
 
 
 __all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleSpec",

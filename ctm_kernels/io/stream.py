@@ -13,10 +13,13 @@ Conv factors are flattened to ``A [r, in * prod(kernel)]`` and ``B [out, r]``.
 from __future__ import annotations
 
 import abc
+import hashlib
 
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
 import threading
@@ -237,7 +240,8 @@ class Adapter:
 
     ``passthrough`` maps tensor keys to full tensors that PEFT stores next to the LoRA
     factors and that a merged adapter must carry unchanged (an embedding's base weights,
-    saved by PEFT when the embedding is targeted)."""
+    saved by PEFT when the embedding is targeted). ``origin``: for an adapter from the Hugging
+    Face Hub, its id at the commit read (what a resolved config records)."""
 
     label: str
     format: str                   # "peft" | "kohya"
@@ -245,6 +249,7 @@ class Adapter:
     modules: dict[str, ModuleSpec]
     config: dict = field(default_factory=dict)
     passthrough: list[str] = field(default_factory=list)
+    origin: str | None = None     # a Hub input: ``org/name@commit``, the snapshot read
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None, stats: ReadStats | None = None
              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -431,6 +436,76 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
         raise ValueError(f"{dest.parent}: no such directory for the output")
 
 
+# Temporary outputs are named ``.OUT.tmp-ctm<pid>.<start>.<host>-XXXXXXXX``: the process that
+# owns one (its id, its start time since boot, a hash of the host name), so that a later run
+# can tell one left by a killed process (SIGKILL, power loss) from one still being written.
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-ctm(?P<pid>\d+)\.(?P<start>\d+)\.(?P<host>[0-9a-f]{8})-[a-z0-9_]{8}$")
+
+
+def _start_time(pid: int) -> int:
+    """A process's start time (clock ticks since boot, from /proc), or 0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tmp_prefix(dest: Path) -> str:
+    pid = os.getpid()
+    return f".{dest.name}.tmp-ctm{pid}.{_start_time(pid)}.{_host()}-"
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                                   # exists, another user's
+    return start == 0 or _start_time(pid) in (0, start)
+
+
+def remove_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporary outputs of ``dest`` (next to it, named as this module names them)
+    whose process is gone on this host; returns what was removed. Anything else is left alone:
+    other names, other hosts' temporaries, ones whose process still runs, folders holding a
+    folder or a link."""
+    dest = Path(dest)
+    removed = []
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    host = _host()
+    for entry in entries:
+        m = _TMP.match(entry.name)
+        if m is None or m["name"] != dest.name or m["host"] != host:
+            continue
+        if _owner_alive(int(m["pid"]), int(m["start"])):
+            continue
+        try:
+            if entry.is_symlink():
+                continue
+            if entry.is_dir():
+                children = list(entry.iterdir())
+                if any(c.is_symlink() or not c.is_file() for c in children):
+                    continue
+                for c in children:
+                    c.unlink()
+                entry.rmdir()
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to ``dest``; on success rename it to ``dest``.
@@ -440,7 +515,8 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     after the new folder is complete."""
     dest = Path(dest)
     _check_destination(dest, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), dir=dest.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes it private (0700)
         yield tmp
@@ -470,7 +546,8 @@ def atomic_file(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     _check_destination(dest, overwrite)
     if dest.is_dir():
         raise ValueError(f"{dest}: is a directory, expected a file path")
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    remove_stale_temporaries(dest)
+    fd, name = tempfile.mkstemp(prefix=_tmp_prefix(dest), dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:

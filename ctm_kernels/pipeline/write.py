@@ -13,6 +13,7 @@ one, and ``overwrite`` replaces only what ctm wrote before (checked from its con
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -65,7 +66,9 @@ def check_output(dest: Path, fmt: str, sources: list[Path], overwrite: bool) -> 
     if not (dest.exists() or dest.is_symlink()):
         if not dest.parent.is_dir():
             raise ValueError(f"{dest.parent}: no such directory for the output")
+        _check_writable(dest.parent)
         return
+    _check_writable(dest.parent)
     if not overwrite:
         raise ValueError(f"{dest}: already exists (pass overwrite=True / --overwrite to replace a previous "
                          "ctm output)")
@@ -85,12 +88,23 @@ def check_output(dest: Path, fmt: str, sources: list[Path], overwrite: bool) -> 
         raise ValueError(f"{dest}: not a kohya file written by ctm; overwrite replaces only a previous ctm output")
 
 
+def _check_writable(folder: Path) -> None:
+    """The output is written to a temporary entry in ``folder`` and renamed: both need write
+    and search permission there (what the dry run can see; a read-only filesystem too)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: no permission to write the output there (the merge writes a temporary "
+                         "output next to OUT and renames it)")
+
+
 def _destination(stack: ExitStack, dest: Path, fmt: str, overwrite: bool) -> Path:
     """The temporary weights file of the output ``dest``, renamed into place when ``stack`` closes
     without an error (removed otherwise)."""
-    if fmt == "peft":
-        return stack.enter_context(atomic_dir(dest, overwrite=overwrite)) / WEIGHTS_NAME
-    return stack.enter_context(atomic_file(dest, overwrite=overwrite))
+    try:
+        if fmt == "peft":
+            return stack.enter_context(atomic_dir(dest, overwrite=overwrite)) / WEIGHTS_NAME
+        return stack.enter_context(atomic_file(dest, overwrite=overwrite))
+    except PermissionError as e:
+        raise ValueError(f"{dest.parent}: no permission to write the output there ({e.strerror})") from None
 
 
 class Output:
