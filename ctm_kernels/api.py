@@ -16,6 +16,7 @@ from .io.kohya import DEFAULT_PREFIX
 from .pipeline.plan import DEFAULT_GROUP_BYTES, DTYPES, FORMATS, MergePlan, make_plan
 from .pipeline.run import execute
 from .pipeline.result import MergeResult, MergeStats
+from .threads import using_threads
 
 __all__ = ["merge", "plan_merge", "inspect_adapter", "MergeResult", "MergeStats", "MergePlan",
            "DEFAULT_GROUP_BYTES", "DTYPES", "FORMATS"]
@@ -26,14 +27,14 @@ def plan_merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, 
                device=None, dtype=None,
                max_group_bytes: int = DEFAULT_GROUP_BYTES, output: str | os.PathLike | None = None,
                format: str | None = None, overwrite: bool = False, kohya_prefix: str = DEFAULT_PREFIX,
-               **rule_params) -> MergePlan:
+               threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergePlan:
     """What :func:`merge` with the same arguments would do, without reading a factor: modules,
     groups, rank per module, which adapters adapt which modules, estimated memory and time,
     and every problem found (``plan.problems``; :meth:`MergePlan.describe` prints it all)."""
     return make_plan(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, stop=stop,
                      tol=tol, max_iter=max_iter, device=device, dtype=dtype, max_group_bytes=max_group_bytes,
                      output=output, format=format, overwrite=overwrite, kohya_prefix=kohya_prefix, strict=False,
-                     **rule_params)
+                     threads=threads, pad_rank=pad_rank, **rule_params)
 
 
 def merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta: float = 0.0,
@@ -42,15 +43,16 @@ def merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta:
           max_group_bytes: int = DEFAULT_GROUP_BYTES, progress: bool | Callable | None = False,
           output: str | os.PathLike | None = None, format: str | None = None, overwrite: bool = False,
           kohya_prefix: str = DEFAULT_PREFIX, prefetch: bool = True, distributed: bool | None = None,
-          **rule_params) -> MergeResult:
+          threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergeResult:
     """Merge whole LoRA adapters into one LoRA of rank ``rank`` with Compress-then-Merge.
 
     ``adapters``: paths (PEFT folders, kohya ``.safetensors``), Hugging Face Hub ids
     (``org/name[@revision]``, from the local cache when there), kohya state dicts, or PEFT
     ``(state_dict, config)`` pairs. A module missing from an adapter gets a zero update from it
     (``mean`` divides by every adapter given). Kohya inputs mixed with PEFT ones are matched to
-    the PEFT module paths their names flatten. ``rank``: an integer, capped at ``min(m, n)``
-    per module, or ``"full"``: ``min(R, m, n)``, R the sum of the module's input ranks.
+    the PEFT module paths their names flatten. ``rank``: an integer, capped per module at
+    ``min(m, n)`` and at R, the sum of the module's input ranks (the most directions its inputs
+    span; ``pad_rank=True`` keeps ``rank`` there, with zero rows), or ``"full"``: ``min(R, m, n)``.
     ``weights``: one per adapter. ``stop``, ``tol``, ``max_iter``: the subspace search's stop
     test (``"energy"``, the default, or ``"subspace"``; docs/DESIGN.md section 8), its tolerance
     (None: 1e-6 and 1e-4) and sweep limit. ``rule_params``: the method's parameters (``top_k`` for
@@ -58,6 +60,9 @@ def merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta:
     dtype for the merge and the output (default: the inputs', promoted). ``progress``: True
     for a tqdm bar over module groups, or a callable ``(done, total, group_description)``.
     ``prefetch``: read the next group on a background thread while merging this one.
+    ``threads``: torch's CPU threads for the merge (restored afterwards); None picks
+    :func:`ctm_kernels.threads.default_threads` (the cores this process may use, less the busy
+    ones). The merged bytes can depend on it, so the output's resolved config records it.
 
     ``output``: write the merged adapter there as the groups finish, atomically (a PEFT folder;
     a kohya file when ``format="kohya"`` or, with ``format`` None, when the path ends in
@@ -77,8 +82,9 @@ def merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta:
     plan = make_plan(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, stop=stop,
                      tol=tol, max_iter=max_iter, device=device, dtype=dtype, max_group_bytes=max_group_bytes,
                      output=output, format=format, overwrite=overwrite, kohya_prefix=kohya_prefix, strict=True,
-                     **rule_params)
-    return execute(plan, progress=progress, prefetch=prefetch, distributed=distributed, started=t0)
+                     threads=threads, pad_rank=pad_rank, **rule_params)
+    with using_threads(plan.threads):
+        return execute(plan, progress=progress, prefetch=prefetch, distributed=distributed, started=t0)
 
 
 def inspect_adapter(source, *, check_values: bool = True) -> dict:
@@ -125,7 +131,8 @@ def _refused(source, err: AdapterError) -> dict:
     from .io.stream import SafetensorsStore
 
     path = Path(source)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    folder = path.is_dir()
+    weights = path / WEIGHTS_NAME if folder else path
     if not weights.is_file() or weights.suffix != ".safetensors":
         raise err
     try:
@@ -141,6 +148,9 @@ def _refused(source, err: AdapterError) -> dict:
             config = {}
     tensors = [{"key": k, "shape": list(store.shape(k)), "dtype": str(store.dtype(k)).removeprefix("torch.")}
                for k in store.keys()]
-    return {"label": str(weights), "format": "peft" if config else "kohya", "mergeable": False,
+    # a folder (or its adapter_model.safetensors) is a PEFT adapter, with its config or without it
+    peft = bool(config) or folder or weights.name == WEIGHTS_NAME
+    fmt = "kohya" if not peft else "peft" if config else f"peft folder without {CONFIG_NAME}"
+    return {"label": str(weights), "format": fmt, "mergeable": False,
             "refused": str(err), "tensors": tensors, "peft_type": config.get("peft_type"),
             "base_model_name_or_path": config.get("base_model_name_or_path")}

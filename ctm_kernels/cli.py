@@ -2,7 +2,8 @@
 
 Exit status: 0 on success; 2 for bad input or usage (one line on stderr starting with
 ``ctm: error:``, no traceback, nothing written); 1 for anything else (one line,
-``ctm --traceback ...`` shows the traceback). Output cut short by a closed pipe
+``ctm --traceback ...`` shows the traceback); 130 on SIGINT and 143 on SIGTERM, after the
+temporary output is removed. Output cut short by a closed pipe
 (``ctm inspect --json ... | head -1``) ends quietly with status 141, as SIGPIPE would.
 
 ``torchrun --nproc_per_node=N -m ctm_kernels merge ...`` merges on N processes: the command
@@ -18,7 +19,9 @@ import argparse
 import difflib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from .pipeline.ranks import launched_ranks
@@ -31,14 +34,12 @@ METHODS = ("sum", "mean", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts"
 DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64")
 DEFAULT_GROUP_MB = 256
 DEFAULT_KOHYA_PREFIX = "lora_unet"
-# Threads per process when --threads is not given. The merge's products are small enough that
-# extra threads hardly help and, on a loaded machine, oversubscription costs far more (the
-# bundled example took 1.5-24 s with torch's default against 0.26-0.58 s with one thread);
-# measured choice in docs/DESIGN.md, section "Pipeline".
-DEFAULT_THREADS = 1
+# Threads per process when --threads is not given: chosen at run time from the cores this
+# process may use, less the busy ones (ctm_kernels.threads.default_threads; docs/THREADS.md).
+DEFAULT_THREADS = "auto"
 
 # the rules' parameter defaults, for the help (a test checks them against ctm_kernels.RULES)
-RULE_DEFAULTS = {"top_k": 0.2, "p": 0.5, "seed": 0}
+RULE_DEFAULTS = {"top_k": 0.2, "p": 0.5, "seed": 0, "normalize": True}
 # defaults shown in help and applied after a --config file (None in the parser: "not given")
 DEFAULTS = {"method": "ties", "beta": 0.0, "scale": 1.0, "stop": "energy", "max_iter": 1000, "format": "auto",
             "kohya_prefix": DEFAULT_KOHYA_PREFIX, "device": "cpu", "dtype": "auto", "max_group_mb": DEFAULT_GROUP_MB,
@@ -49,9 +50,22 @@ class UsageError(Exception):
     """Bad command line: reported in one line with exit status 2."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT, so that the same
+    clean-up runs (the temporary output removed, nothing left at OUT)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    if word.lower() in lowered:                          # TIES -> ties
+        return f" (did you mean {lowered[word.lower()]}?)"
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[close[0]]}?)" if close else ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +84,7 @@ class _Parser(argparse.ArgumentParser):
             words = message.split(":", 1)[1].split()
             hints = [_suggest(w.split("=")[0], options) for w in words if w.startswith("-")]
             message += "".join(h for h in hints if h)
-        elif "invalid choice:" in message and "argument command" in message:
+        elif "invalid choice:" in message and ("argument command" in message or "{merge,plan,inspect}" in message):
             word = message.split("invalid choice:", 1)[1].split("'")[1] if "'" in message else ""
             message += _suggest(word, ("merge", "plan", "inspect"))
         sub = self.prog.removeprefix("ctm").strip()
@@ -111,7 +125,8 @@ def _method(text: str) -> str:
     return text
 
 
-def _merge_options(m: argparse.ArgumentParser, dry_run_flag: bool) -> None:
+def _merge_options(m: argparse.ArgumentParser) -> None:
+    """The options of ctm merge; ctm plan takes every one of them (a dry run of that command)."""
     m.add_argument("adapters", nargs="*", metavar="ADAPTER",
                    help="PEFT adapter folder, kohya .safetensors or Hugging Face Hub id (org/name[@revision])")
     m.add_argument("-c", "--config", metavar="FILE", help="YAML merge config (mergekit style: adapters with "
@@ -149,18 +164,24 @@ def _merge_options(m: argparse.ArgumentParser, dry_run_flag: bool) -> None:
                    help="most input factor memory read at once")
     m.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a previous ctm output (anything else is refused)")
-    if dry_run_flag:
-        m.add_argument("--dry-run", action="store_true", dest="dry_run",
-                       help="print the plan (as ctm plan) and write nothing")
-        m.add_argument("--threads", type=int, metavar="N", help="CPU threads per process")
-        m.add_argument("--no-prefetch", action="store_false", dest="prefetch",
-                       help="read each module group only when the previous one is merged (default: the next "
-                       "group is read on a background thread while this one is merged)")
-        m.add_argument("--report", metavar="FILE", help="write the merge report (share kept per adapter, "
-                       "iterations, time, bytes and seconds read, peak memory) as JSON to FILE")
-        m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
-    else:
-        m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.add_argument("--pad-rank", action="store_true", dest="pad_rank", default=None,
+                   help="keep --rank on modules whose inputs span fewer directions (the extra rows are zeros; "
+                   "default: cap each module at the sum of its input ranks)")
+    m.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="dare_ties: average the agreeing entries (--no-normalize: sum them, as mergekit's "
+                   "dare_ties)")
+    m.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (default: the cores this "
+                   "process may use, less the busy ones; recorded in the output's config)")
+    m.add_argument("--dry-run", action="store_true", dest="dry_run",
+                   help="print the plan (as ctm plan) and write nothing")
+    m.add_argument("--no-prefetch", action="store_false", dest="prefetch",
+                   help="read each module group only when the previous one is merged (default: the next "
+                   "group is read on a background thread while this one is merged)")
+    m.add_argument("--report", metavar="FILE", help="write the merge report (share kept per adapter, "
+                   "iterations, time, bytes and seconds read, peak memory; ctm plan: the plan) as JSON to FILE")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (ctm plan: "
+                   "print only the problems)")
+    m.add_argument("--json", action="store_true", help="machine-readable output (the plan, or the merge report)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,12 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge adapters into one rank-R LoRA",
                        description="Merge LoRA adapters (PEFT folders, kohya .safetensors files or Hub ids) into "
                        "one rank-R LoRA. Methods: " + ", ".join(METHODS) + ".")
-    _merge_options(m, dry_run_flag=True)
+    _merge_options(m)
     pl = sub.add_parser("plan", help="dry run: what a merge would do, reading no factor",
                         description="Print the modules, groups, rank per module, which adapters adapt which "
                         "modules, estimated memory and time, and every problem found, reading no factor. "
                         "Takes the options of ctm merge; exit status 2 when a problem is found.")
-    _merge_options(pl, dry_run_flag=False)
+    _merge_options(pl)
     i = sub.add_parser("inspect", help="list an adapter's modules, ranks, alphas, dtypes, NaN/Inf factors; "
                        "describe adapters the merge refuses and why")
     i.add_argument("adapters", nargs="+", metavar="ADAPTER")
@@ -202,7 +223,7 @@ def _settings(args) -> dict:
         kw.pop("weights", None)
     given = {k: getattr(args, k) for k in ("rank", "method", "beta", "scale", "stop", "tol", "max_iter", "format",
                                           "kohya_prefix", "device", "dtype", "weights", "output", "top_k", "p",
-                                          "seed") if getattr(args, k) is not None}
+                                          "seed", "normalize", "threads", "pad_rank") if getattr(args, k) is not None}
     kw.update(given)
     if args.max_group_mb is not None:
         if args.max_group_mb < 1:
@@ -218,7 +239,11 @@ def _settings(args) -> dict:
         kw["dtype"] = None
     if kw.get("format") == "auto":
         kw["format"] = None
+    if kw.get("threads") is not None and kw["threads"] < 1:
+        raise UsageError("ctm: --threads must be at least 1")
     kw["overwrite"] = args.overwrite
+    if args.report is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise UsageError(f"ctm: --report: no such directory for {args.report}")
     return kw
 
 
@@ -226,8 +251,14 @@ def _cmd_plan(args, kw: dict) -> int:
     from .api import plan_merge
 
     plan = plan_merge(kw.pop("adapters"), **kw)
-    if getattr(args, "json", False):
+    if args.report is not None:
+        with open(args.report, "w") as f:
+            f.write(json.dumps(plan.to_dict(), indent=2) + "\n")
+    if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
+    elif args.quiet:
+        for p in plan.problems:
+            print(f"problem: {p}")
     else:
         print(plan.describe())
     return EXIT_USAGE if plan.problems else EXIT_OK
@@ -239,15 +270,7 @@ def _cmd_merge(args) -> int:
         return _cmd_plan(args, kw)
     if kw.get("output") is None:
         raise UsageError("ctm: -o/--output is required (or output: in --config)")
-    if args.report is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        raise UsageError(f"ctm: --report: no such directory for {args.report}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError("ctm: --threads must be at least 1")
-    import torch
-
     from .api import merge
-
-    torch.set_num_threads(args.threads or DEFAULT_THREADS)
     from .pipeline.ranks import process_group
 
     with process_group(kw.get("device")) as (rank, device):
@@ -257,7 +280,9 @@ def _cmd_merge(args) -> int:
         if args.report is not None:
             with open(args.report, "w") as f:
                 f.write(json.dumps(result.report(), indent=2) + "\n")
-        if not args.quiet:
+        if args.json:
+            print(json.dumps(result.report(), indent=2))
+        elif not args.quiet:
             print(result.summary())
             print(f"wrote {result.output} ({result.format})")
     return EXIT_OK
@@ -309,6 +334,9 @@ def main(argv=None) -> int:
     # under torchrun every rank sees the same bad input, and an error on one rank is raised on
     # all of them naming that rank: rank 0 reports it, once
     speak = rank == 0
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -337,12 +365,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ctm: error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("ctm: error: terminated", file=sys.stderr)
+        return 143
     except Exception as e:  # noqa: BLE001 - anything else: one line, status 1
         if show_tb:
             traceback.print_exc()
         where = f"[rank {rank}] " if world > 1 else ""
         print(f"ctm: error: {where}internal error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAIL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ RULES: dict[str, Rule] = {}
 
 _TOP_K = Param("top_k", 0.2, lambda v: 0.0 < float(v) <= 1.0, "share of entries each task keeps, in (0, 1]")
 _P = Param("p", 0.5, lambda v: 0.0 <= float(v) < 1.0, "drop probability, in [0, 1)")
+_NORMALIZE = Param("normalize", True, lambda v: isinstance(v, bool),
+                   "True: each entry is the mean of the kept values that agree with its elected sign; False: "
+                   "their sum (mergekit's dare_ties)")
 _SEED = Param("seed", 0, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
               "seed of the drop masks (non-negative integer)")
 
@@ -133,12 +136,12 @@ def _trim(C, top_k):
     return C * (mag >= thresh).reshape(L, T, p, q)
 
 
-def _elect_disjoint_mean(kept):
+def _elect_disjoint_mean(kept, normalize: bool = True):
     """Sign election and disjoint mean over ``kept [L, T, p, q]`` (trimmed entries are 0).
 
     Elected sign per entry = sign of the sum of the kept values; where that sum is exactly
     zero, the sign of the sum of all elected signs of the layer. Result = mean of the kept
-    values that carry the elected sign (0 where none does)."""
+    values that carry the elected sign (0 where none does); with ``normalize=False`` their sum."""
     total = kept.sum(1)                                     # [L, p, q]
     elected = torch.sign(total)
     fallback = torch.sign(elected.sum((-2, -1), keepdim=True)).expand_as(elected)
@@ -146,6 +149,8 @@ def _elect_disjoint_mean(kept):
     agree = (torch.sign(kept) == elected[:, None]) & (kept != 0)
     count = agree.sum(1)
     picked = (kept * agree).sum(1)
+    if not normalize:
+        return picked
     return torch.where(count > 0, picked / count.clamp(min=1), torch.zeros_like(picked))
 
 
@@ -188,11 +193,18 @@ def rule_dare(C, p, seed, layer_ids):
     return _dare(C, p, seed, layer_ids).sum(1)
 
 
-@register("dare_ties", _P, _SEED, _TOP_K, needs_rotation_convention=True)
-def rule_dare_ties(C, p, seed, top_k, layer_ids):
+@register("dare_ties", _P, _SEED, _TOP_K, _NORMALIZE, needs_rotation_convention=True)
+def rule_dare_ties(C, p, seed, top_k, normalize, layer_ids):
     """DARE then TIES: drop and rescale as ``dare`` (no sum), then trim / elect / disjoint mean
-    as ``ties`` on the rescaled entries."""
-    return _elect_disjoint_mean(_trim(_dare(C, p, seed, layer_ids), top_k))
+    as ``ties`` on the rescaled entries (``top_k=1``: no trim; ``normalize=False``: the sum of
+    the agreeing entries instead of their mean).
+
+    mergekit's ``dare_ties`` with ``density`` d is ``p = 1 - d, top_k = 1, normalize = False``:
+    random drop keeping a share d, survivors rescaled, sign elected by the summed values, the
+    agreeing values summed (mergekit's ``normalize`` defaults to false for this method); a
+    config file in mergekit's vocabulary is read that way (:mod:`ctm_kernels.pipeline.config`)."""
+    kept = _trim(_dare(C, p, seed, layer_ids), top_k)
+    return _elect_disjoint_mean(kept) if normalize else _elect_disjoint_mean(kept, normalize=False)
 
 
 def _polar(X):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_merge_writes_peft_folder_and_summary(three, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "merged 3 adapters into 3 modules at rank 4 with ties (top_k=0.5)" in text
     for folder, kept in zip(three, res.energy_kept):
-        assert f"{folder}/adapter_model.safetensors" in text and f"{100 * kept:6.2f} %" in text
+        assert f"  {folder} " in text and f"{100 * kept:6.2f} %" in text      # named as given
 
 
 def test_base_model_dropped_when_inputs_disagree(three, tmp_path):
@@ -342,3 +343,85 @@ def test_stop_option_reaches_the_engine(tmp_path):
         assert len(data["share_after_rule"]) == len(adapters)
         assert all(0 < s < 1.5 for s in data["share_after_rule"]), data["share_after_rule"]
         assert f"stop: {stop}" in (out / "ctm_merge.yaml").read_text()       # the resolved config records it
+
+
+# ------------------------------------------------------------------------------------------
+# the dry run sees what the merge refuses; the summary; small manners
+
+
+def test_plan_takes_every_option_of_merge(three, tmp_path, capsys):
+    from ctm_kernels.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    opts = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.items()}
+    assert opts["merge"] <= opts["plan"], sorted(opts["merge"] - opts["plan"])
+    report = tmp_path / "plan.json"
+    assert main(["plan", *map(str, three), "--rank", "4", "--threads", "2", "--no-prefetch", "--report", str(report),
+                 "-o", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "2 CPU threads" in out and "no problems found" in out
+    assert json.loads(report.read_text())["threads"] == 2
+    assert main(["plan", *map(str, three), "--rank", "4", "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_sees_an_output_folder_it_cannot_write(three, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:          # root may write anywhere: answer as the folder's mode says for others
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == locked and mode & os.W_OK
+                            else real(p, mode, *a, **k))
+    try:
+        out = str(locked / "merged")
+        assert main(["plan", *map(str, three), "--rank", "4", "-o", out]) == 2
+        assert f"problem: {locked}: no permission to write the output there" in capsys.readouterr().out
+        assert main(["merge", *map(str, three), "--rank", "4", "-o", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"ctm: error: {locked}: no permission to write the output")
+    finally:
+        locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+def test_plan_sees_iso_cts_short_of_adapters_at_a_module(three, tmp_path, capsys):
+    args = [*map(str, three), "--rank", "2", "--method", "iso_cts"]
+    assert main(["plan", *args]) == 2
+    assert ("problem: model.layers.0.q_proj: iso_cts needs fewer adapters at a module than its merged rank; "
+            "2 of the 3 adapters adapt it at rank 2") in capsys.readouterr().out
+    assert main(["merge", *args, "-o", str(tmp_path / "o")]) == 2
+    assert "ctm: error: model.layers.0.q_proj: iso_cts needs fewer adapters" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_summary_explains_shares_above_100_and_names_adapters_as_given(tmp_path, capsys, monkeypatch):
+    a = peft_folder(tmp_path / "a", {"m.q": _pair(16, 24, 4, 0)})
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in a.iterdir():
+        (b / f.name).write_bytes(f.read_bytes())       # the same update twice: sum carries each at 200 %
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "a", "b/", "-o", "o", "--rank", "8", "--method", "sum"]) == 0
+    text = capsys.readouterr().out
+    assert "  a   100.00 %   200.00 %" in text and "  b/  100.00 %   200.00 %" in text
+    assert "adapter_model.safetensors" not in text
+    assert "above 100 %: other adapters' updates point the same way" in text
+    assert "(at most 100 %)" in text
+
+
+def test_small_manners(three, tmp_path, capsys):
+    base = [*map(str, three), "-o", str(tmp_path / "o"), "--rank", "4"]
+    assert main(["merge", *base, "--method", "TIES"]) == 2
+    assert "unknown merge method 'TIES' (did you mean ties?)" in capsys.readouterr().err
+    assert main(["merg", *base]) == 2
+    assert "(did you mean merge?)" in capsys.readouterr().err
+    assert main(["merge", *base, "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ctm: error: unknown device 'gpu' (did you mean cuda?); the merge runs on cpu or cuda (cuda:N)"
+    # a PEFT folder without its config is not called kohya
+    (three[0] / "adapter_config.json").unlink()
+    assert main(["inspect", str(three[0])]) == 0
+    out = capsys.readouterr().out
+    assert "peft folder without adapter_config.json, 4 tensors; the merge refuses it" in out and "kohya" not in out

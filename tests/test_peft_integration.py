@@ -111,7 +111,7 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 70, 2, 64, 11], [3, 3, 80, 41, 7, 95, 0, 12
 def test_peft_round_trip_matches_merge_layer(adapters, ties_merged):
     out = ties_merged
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == cfg["lora_alpha"] == 8
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == cfg["lora_alpha"]
     merged = _lora_modules(_load_merged(out))
     ref = _lora_modules(_all_loaded(adapters))
     assert sorted(merged) == sorted(ref)      # the union of the adapters' modules
@@ -122,7 +122,9 @@ def test_peft_round_trip_matches_merge_layer(adapters, ties_merged):
             f = _factors(mod, ad)
             if f is not None:                  # a module an adapter does not target gets nothing from it
                 A.append(f[0]), B.append(f[1]), s.append(mod.scaling[ad]), w.append(weights[ad])
-        want = ctm_kernels.merge_layer(A, B, rank=8, method="ties", top_k=0.4, scales=s, weights=w)
+        # rank 8, capped at the directions the module's inputs span (the sum of their ranks)
+        r = min(8, sum(a.shape[0] for a in A))
+        want = ctm_kernels.merge_layer(A, B, rank=r, method="ties", top_k=0.4, scales=s, weights=w)
         got = merged[name].get_delta_weight("default")
         if name.endswith("embed_tokens"):
             got = got.T                         # PEFT returns the embedding update as [vocab, dim]
@@ -382,3 +384,26 @@ def test_lm_head_lora_and_full_rank(tmp_path):
         mine = pm(TOKENS).logits
     torch.testing.assert_close(got, cat, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mine, cat, rtol=1e-4, atol=1e-4)
+
+
+def test_add_merged_adapter_threads(adapters, ties_merged, monkeypatch):
+    """``threads`` as ``ctm --threads``: the merge runs at it and torch's setting comes back; with the
+    thread count of the command line's merge, the same factors bit for bit."""
+    from ctm_kernels.pipeline import run
+
+    seen = []
+    real = run.merge_group
+    monkeypatch.setattr(run, "merge_group", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    other = 3 if before != 3 else 2
+    pm = _all_loaded(adapters)
+    res = add_merged_adapter(pm, list(NAMES), "ctm", rank=8, method="ties", top_k=0.4, weights=[1, 0.7, 1.5],
+                             threads=other)
+    assert set(seen) == {other} and torch.get_num_threads() == before and res.plan.threads == other
+    import yaml
+    t = yaml.safe_load((ties_merged / "ctm_merge.yaml").read_text())["threads"]
+    pm2 = _all_loaded(adapters)
+    add_merged_adapter(pm2, list(NAMES), "ctm", rank=8, method="ties", top_k=0.4, weights=[1, 0.7, 1.5], threads=t)
+    saved = _lora_modules(_load_merged(ties_merged))
+    for name, mod in _lora_modules(pm2).items():
+        assert torch.equal(mod.get_delta_weight("ctm"), saved[name].get_delta_weight("default")), name

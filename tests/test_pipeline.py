@@ -213,11 +213,11 @@ def test_lm_head_base_weights_carried(tmp_path):
 def test_rank_capped_per_module_and_full_rank(tmp_path):
     a = peft_folder(tmp_path / "a", {"m.k_proj": _pair(32, 64, 16, 0), "m.q_proj": _pair(64, 64, 16, 1)}, {"r": 16})
     b = peft_folder(tmp_path / "b", {"m.k_proj": _pair(32, 64, 16, 2), "m.q_proj": _pair(64, 64, 16, 3)}, {"r": 16})
-    res = ctm_kernels.merge([a, b], rank=34, method="sum", output=tmp_path / "o")
+    res = ctm_kernels.merge([a, b], rank=34, method="sum", output=tmp_path / "o", pad_rank=True)
     assert {mm.name: mm.rank for mm in res.modules} == {"m.k_proj": 32, "m.q_proj": 34}
     cfg = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     assert cfg["r"] == 34 and cfg["rank_pattern"] == {"m\\.k_proj": 32}
-    plan = ctm_kernels.plan_merge([a, b], rank=34)
+    plan = ctm_kernels.plan_merge([a, b], rank=34, pad_rank=True)
     assert plan.notes == ["rank 34 capped at min(m, n) = 32 on 1 linear module of shape 32x64"]
     # full: min(sum of input ranks, m, n) per module, and the sum is exact
     full = ctm_kernels.merge([a, b], rank="full", method="sum")
@@ -308,7 +308,7 @@ def test_config_file_merge_is_byte_identical_to_flags(tmp_path):
     flags = tmp_path / "flags"
     assert main(["merge", str(EXAMPLES / "math"), str(EXAMPLES / "code"), "-o", str(flags), "--rank", "8",
                  "--method", "dare_ties", "--p", "0.3", "--seed", "1", "--top-k", "0.5", "--weights", "1,0.5",
-                 "-q"]) == 0
+                 "--no-normalize", "-q"]) == 0
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(f"""\
 merge_method: dare_ties
@@ -384,7 +384,7 @@ def test_help_imports_no_torch_and_shows_defaults():
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
-    for default in ("(default: 0.2)", "(default: 0.5)", "(default: 0)", "(default: ties)", "(default: energy)", "(default 1e-6)", "(default 1e-4)", "(default: 1000)", "(default: 256)", "(default: 1)",
+    for default in ("(default: 0.2)", "(default: 0.5)", "(default: 0)", "(default: ties)", "(default: energy)", "(default 1e-6)", "(default 1e-4)", "(default: 1000)", "(default: 256)",
                     "(default: auto)", "(default: lora_unet)"):
         assert default in text, default
 
@@ -537,8 +537,118 @@ def test_local_folder_named_like_a_hub_id_is_read_locally(tmp_path, monkeypatch)
         (work / "someone" / "lora" / f).write_bytes((EXAMPLES / "math" / f).read_bytes())
     monkeypatch.chdir(work)
     from ctm_kernels.io import hub
-    assert hub.hub_id("someone/lora") is None and hub.hub_id("someone/other") == ("someone/other", None)
+    # someone/ exists here, so someone/other is a local path too (missing); hf:// names the Hub
+    assert hub.hub_id("someone/lora") is None and hub.hub_id("someone/other") is None
+    assert hub.hub_id("hf://someone/other") == ("someone/other", None)
     got = ctm_kernels.merge(["someone/lora"], rank=8, method="sum")
     want = ctm_kernels.merge([str(EXAMPLES / "math")], rank=8, method="sum")
     for x, y in zip(got.modules, want.modules, strict=True):
         assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+
+
+# ------------------------------------------------------------------------------------------
+# what a new user trips on: mergekit's dare_ties, local paths and Hub ids, ranks the inputs span
+
+
+def test_mergekit_dare_ties_density_means_what_it_means_in_mergekit(tmp_path):
+    """mergekit's dare_ties with density d: a random drop keeping a share d (survivors rescaled),
+    sign election, the agreeing entries summed; no magnitude trim. The saved config shows it."""
+    from ctm_kernels.pipeline.config import load_config
+    from ctm_kernels.rules import apply_rule
+
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: dare_ties\nrank: 8\nparameters: {{density: 0.7}}\n"
+                   f"models: [{{model: {EXAMPLES / 'math'}}}, {{model: {EXAMPLES / 'code'}}}]\noutput: out\n")
+    kw = load_config(cfg)
+    assert (kw["p"], kw["top_k"], kw["normalize"]) == (0.3, 1.0, False)
+    # one adapter through the rule: about 70% of the entries survive, rescaled by 1 / 0.7
+    C = torch.randn(4, 1, 16, 16, dtype=torch.float64)
+    out = apply_rule("dare_ties", C, **{k: kw[k] for k in ("p", "top_k", "normalize")}, seed=0)
+    kept = out != 0
+    assert 0.6 < kept.double().mean().item() < 0.8
+    torch.testing.assert_close(out[kept], (C[:, 0] / 0.7)[kept])
+    # two adapters: agreeing entries summed, not averaged
+    C2 = torch.ones(1, 2, 4, 4, dtype=torch.float64)
+    assert apply_rule("dare_ties", C2, p=0.0, top_k=1.0, normalize=False).eq(2.0).all()
+    assert main(["merge", "--config", str(cfg), "-q"]) == 0
+    saved = (tmp_path / "out" / "ctm_merge.yaml").read_text()
+    assert "normalize: false" in saved and "p: 0.3" in saved and "top_k: 1.0" in saved
+    flags = tmp_path / "flags"
+    assert main(["merge", str(EXAMPLES / "math"), str(EXAMPLES / "code"), "-o", str(flags), "--rank", "8",
+                 "--method", "dare_ties", "--p", "0.3", "--top-k", "1", "--no-normalize", "-q"]) == 0
+    assert load_file(str(flags / "adapter_model.safetensors")).keys() == \
+        load_file(str(tmp_path / "out" / "adapter_model.safetensors")).keys()
+    for k, v in load_file(str(flags / "adapter_model.safetensors")).items():
+        assert torch.equal(v, load_file(str(tmp_path / "out" / "adapter_model.safetensors"))[k]), k
+
+
+def test_mistyped_local_paths_are_not_hub_ids(tmp_path, monkeypatch):
+    """A missing path that looks local (its parent folder exists, or it starts with . or /) is
+    'no such file or folder' at once, without asking the Hub; hf:// forces a Hub id."""
+    from ctm_kernels.io import hub
+
+    def no_network(source):
+        raise AssertionError(f"asked the Hub for {source}")
+
+    monkeypatch.setattr(hub, "resolve", no_network)
+    (tmp_path / "adapters").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in ("adapters/typo_dir", "./typo", "adapters/typo@v1"):
+        with pytest.raises(ValueError, match=f"^{source}: no such file or folder"):
+            ctm_kernels.merge([source, str(EXAMPLES / "code")], rank=8)
+    plan = ctm_kernels.plan_merge(["adapters/typo_dir"], rank=8)
+    assert plan.problems[0].startswith("adapters/typo_dir: no such file or folder (read as a local path because "
+                                       "the folder adapters/ exists here; write hf://adapters/typo_dir")
+    assert hub.hub_id("hf://adapters/typo_dir") == ("adapters/typo_dir", None)
+    assert hub.hub_id("someone/lora@main") == ("someone/lora", "main")
+
+
+def test_hub_inputs_recorded_as_id_at_commit(tmp_path, monkeypatch):
+    """A saved config names a Hub input as org/name@commit (not the cache path), and runs again."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--math-lora"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (snap / f).write_bytes((EXAMPLES / "math" / f).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["merge", "someone/math-lora", str(EXAMPLES / "code"), "-o", str(out), "--rank", "8", "-q"]) == 0
+    import yaml
+    saved = yaml.safe_load((out / "ctm_merge.yaml").read_text())
+    assert saved["adapters"][0]["adapter"] == f"someone/math-lora@{commit}"
+    assert str(cache) not in (out / "ctm_merge.yaml").read_text()
+    again = tmp_path / "again"
+    assert main(["merge", "--config", str(out / "ctm_merge.yaml"), "-o", str(again), "-q"]) == 0
+    assert _tree(again) == _tree(out)
+
+
+def test_rank_capped_at_what_the_inputs_span_unless_padded(tmp_path):
+    """A module adapted by one rank-4 adapter gets rank 4 at --rank 16 (not 12 zero rows), and the
+    plan says so; pad_rank keeps 16."""
+    a = peft_folder(tmp_path / "a", {"m.q_proj": _pair(64, 64, 4, 0), "m.k_proj": _pair(32, 64, 4, 1)}, {"r": 4})
+    b = peft_folder(tmp_path / "b", {"m.q_proj": _pair(64, 64, 4, 2)}, {"r": 4})
+    plan = ctm_kernels.plan_merge([a, b], rank=16)
+    assert {e.name: e.rank for e in plan.modules} == {"m.k_proj": 4, "m.q_proj": 8}
+    assert any("capped at 4, the sum of the input ranks" in n for n in plan.notes)
+    assert "note: rank 16 capped at 4, the sum of the input ranks" in plan.describe()
+    res = ctm_kernels.merge([a, b], rank=16, method="sum", output=tmp_path / "o")
+    sd = load_file(str(tmp_path / "o" / "adapter_model.safetensors"))
+    assert sd[f"{P}m.k_proj.lora_A.weight"].shape == (4, 64) and sd[f"{P}m.q_proj.lora_A.weight"].shape == (8, 64)
+    cfg = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert cfg["r"] in (4, 8) and len(cfg["rank_pattern"]) == 1
+    # sum is exact at the capped ranks
+    ua, ub = peft_updates(a), peft_updates(b)
+    got = {mm.name: mm for mm in ctm_kernels.merge([a, b], rank=16, method="sum").modules}
+    torch.testing.assert_close(got["m.q_proj"].update().double(), ua["m.q_proj"] + ub["m.q_proj"], rtol=1e-5, atol=1e-5)
+    padded = ctm_kernels.merge([a, b], rank=16, method="sum", pad_rank=True)
+    assert {mm.name: mm.rank for mm in padded.modules} == {"m.k_proj": 16, "m.q_proj": 16}
+    assert res.plan.pad_rank is False

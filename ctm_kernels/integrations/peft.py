@@ -73,13 +73,15 @@ def _read_adapter(lora, name: str) -> Adapter:
 def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_name: str, *, rank: int | str,
                        method: str = "ties", weights=None, beta: float = 0.0, scale: float = 1.0,
                        stop: str = "energy", tol: float | None = None, max_iter: int = 1000, device=None,
-                       **rule_params) -> MergeResult:
+                       threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergeResult:
     """Merge the loaded LoRA adapters ``adapter_names`` of ``peft_model`` into a new adapter
     ``new_adapter_name`` of rank ``rank`` with CtM, and install it (not activated). ``rank``
     is capped at ``min(m, n)`` per module, or ``"full"`` (see :func:`ctm_kernels.merge`).
 
-    ``method``, ``weights``, ``beta``, ``scale``, ``stop``, ``tol``, ``max_iter`` and ``rule_params``
-    are those of :func:`ctm_kernels.merge`. Scalings are read from the LoRA layers
+    ``method``, ``weights``, ``beta``, ``scale``, ``stop``, ``tol``, ``max_iter``, ``threads``
+    (torch's CPU threads for the merge, restored afterwards; None: the cores this process may
+    use, less the busy ones, as ``ctm --threads``), ``pad_rank`` and ``rule_params`` are those
+    of :func:`ctm_kernels.merge`. Scalings are read from the LoRA layers
     (``module.scaling``), so rsLoRA, rank/alpha patterns and later ``set_scale`` calls are
     all honoured. Returns the :class:`~ctm_kernels.api.MergeResult` (per-module info and the
     share of each adapter's update kept)."""
@@ -94,7 +96,7 @@ def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_nam
         raise ValueError(f"adapter {new_adapter_name!r} already exists")
     adapters = [_read_adapter(lora, n) for n in names]
     res = merge(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, stop=stop, tol=tol,
-                max_iter=max_iter, device=device, **rule_params)
+                max_iter=max_iter, device=device, threads=threads, pad_rank=pad_rank, **rule_params)
 
     base_cfg = lora.peft_config[names[0]]
     merged = res.config()                    # r, and a rank_pattern for modules capped at min(m, n)

@@ -16,9 +16,17 @@ merge::
         weight: 0.5
     output: merged
 
-mergekit's ``density`` (the share of entries kept) is ``top_k`` for ``ties`` and ``1 - p`` for
-``dare`` and ``dare_ties``. The rules take one value of each parameter for all adapters, so
-a per-adapter rule parameter must be the same for every adapter.
+A config in mergekit's vocabulary means what it means in mergekit: ``density`` (the share of
+entries kept) is ``top_k`` for ``ties`` and ``1 - p`` for ``dare``; for ``dare_ties`` it is
+``p = 1 - density`` with no magnitude trim (``top_k: 1``) and the agreeing entries summed, not
+averaged (``normalize: false``, mergekit's default for that method), unless the file sets
+``top_k`` or ``normalize`` itself. The rules take one value of each parameter for all
+adapters, so a per-adapter rule parameter must be the same for every adapter. The resolved
+config of an output lists every parameter that ran, so it shows what ``density`` became.
+
+``threads`` (CPU threads; the merged bytes can depend on them) and ``pad_rank`` are recorded in
+every resolved config and honoured when it is run again; a Hub input is recorded as
+``org/name@commit``, the snapshot that was read, so that the file runs on another machine.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from pathlib import Path
 
 TOP_KEYS = {"adapters", "models", "merge_method", "method", "rank", "parameters", "beta", "scale", "stop", "tol",
             "max_iter", "dtype", "output", "format", "kohya_prefix", "max_group_mb", "device", "base_model",
-            "ctm_version"}
+            "ctm_version", "threads", "pad_rank"}
 ADAPTER_KEYS = {"adapter", "model", "parameters", "weight"}
 
 
@@ -106,17 +114,26 @@ def load_config(path: str | os.PathLike) -> dict:
         d = params.pop("density")
         if method == "ties":
             params.setdefault("top_k", d)
-        elif method in ("dare", "dare_ties") and isinstance(d, (int, float)):
+        elif method in ("dare", "dare_ties") and isinstance(d, (int, float)) and not isinstance(d, bool):
             params.setdefault("p", float(f"{1.0 - d:.12g}"))     # 1 - 0.7 is 0.30000000000000004
+            if method == "dare_ties":                            # mergekit: no trim, agreeing entries summed
+                params.setdefault("top_k", 1.0)
+                params.setdefault("normalize", False)
         else:
             raise ValueError(f"{label}: parameters.density: means nothing to {method!r} (ties: top_k; dare, "
                              "dare_ties: 1 - p)")
     out = {"adapters": adapters, "weights": weights, "method": method, **params}
     if "rank" not in data:
         raise ValueError(f"{label}: rank: missing (a positive integer or 'full')")
-    for key in ("rank", "beta", "scale", "stop", "tol", "max_iter", "dtype", "format", "kohya_prefix", "device"):
+    for key in ("rank", "beta", "scale", "stop", "tol", "max_iter", "dtype", "format", "kohya_prefix", "device",
+                "threads", "pad_rank"):
         if key in data:
             out[key] = data[key]
+    if "threads" in out and out["threads"] is not None and (isinstance(out["threads"], bool)
+                                                            or not isinstance(out["threads"], int) or out["threads"] < 1):
+        raise ValueError(f"{label}: threads: expected a positive integer, got {out['threads']!r}")
+    if "pad_rank" in out and not isinstance(out["pad_rank"], bool):
+        raise ValueError(f"{label}: pad_rank: expected true or false, got {out['pad_rank']!r}")
     if "max_group_mb" in data:
         out["max_group_bytes"] = int(data["max_group_mb"]) * 2**20
     if "output" in data:
@@ -126,20 +143,24 @@ def load_config(path: str | os.PathLike) -> dict:
 
 def resolved_config(plan, *, format: str, kohya_prefix: str) -> str:
     """The YAML text of every setting of ``plan`` that decides the output's bytes (adapters by
-    absolute path, weights, method and parameters, rank, solver settings, dtype, format)."""
+    absolute path or Hub id at the commit read, weights, method and parameters, rank, solver
+    settings, dtype, format, CPU threads)."""
     import yaml
 
     from .. import __version__
 
     adapters = []
     for ad, src, w in zip(plan.adapters, plan.sources, plan.weights):
-        adapters.append({"adapter": str(src.resolve()) if src is not None else ad.label,
+        origin = getattr(ad, "origin", None)           # a Hub input: org/name@commit
+        adapters.append({"adapter": origin or (str(src.resolve()) if src is not None else ad.label),
                          "parameters": {"weight": float(w)}})
     data = {"ctm_version": __version__, "merge_method": plan.method, "rank": plan.rank,
             "parameters": {k: v for k, v in sorted(plan.params.items())},
             **{k: plan.engine[k] for k in ("beta", "scale", "stop", "tol", "max_iter")},
             "dtype": None if plan.dtype is None else str(plan.dtype).removeprefix("torch."),
-            "format": format}
+            "format": format, "threads": plan.threads}
+    if plan.pad_rank:
+        data["pad_rank"] = True
     if format == "kohya":
         data["kohya_prefix"] = kohya_prefix
     data["adapters"] = adapters

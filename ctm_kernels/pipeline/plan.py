@@ -100,12 +100,16 @@ class MergePlan:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sources: list = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    threads: int = 1
+    pad_rank: bool = False
 
     @property
     def out_rank(self) -> int:
-        """``r`` of the output config: the requested rank, or with ``rank="full"`` the most
-        common merged rank (other modules get ``rank_pattern`` entries)."""
-        if isinstance(self.rank, int):
+        """``r`` of the output config: the requested rank when every module has it, else (rank
+        ``"full"``, or ranks capped per module) the most common merged rank (other modules get
+        ``rank_pattern`` entries)."""
+        if isinstance(self.rank, int) and all(e.rank == self.rank for e in self.modules):
             return self.rank
         counts = Counter(e.rank for e in self.modules)
         return max(counts, key=lambda r: (counts[r], r)) if counts else 0
@@ -134,9 +138,9 @@ class MergePlan:
     def to_dict(self) -> dict:
         """The plan as plain data (``ctm plan --json``)."""
         return {
-            "adapters": [{"label": a.label, "format": a.format, "weight": w, "modules": len(a.modules)}
-                         for a, w in zip(self.adapters, self.weights)],
-            "rank": self.rank, "method": self.method, "params": dict(self.params), "format": self.format,
+            "adapters": [{"label": n, "format": a.format, "weight": w, "modules": len(a.modules)}
+                         for n, a, w in zip(self.names, self.adapters, self.weights)],
+            "rank": self.rank, "pad_rank": self.pad_rank, "threads": self.threads, "method": self.method, "params": dict(self.params), "format": self.format,
             "output": None if self.output is None else str(self.output),
             "modules": [{"name": e.name, "kind": e.first.kind, "out": e.first.out_features,
                          "in": e.first.in_features, "rank": e.rank, "stacked_rank": e.stacked_rank,
@@ -154,11 +158,12 @@ class MergePlan:
         params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
         lines = [f"merge {T} adapter{'s' if T != 1 else ''} with {self.method}"
                  f"{f' ({params})' if params else ''} at rank {self.rank}"
-                 + (f" into {self.output} ({self.format})" if self.output is not None else "")]
-        width = max((len(a.label) for a in self.adapters), default=0)
-        for i, (ad, w) in enumerate(zip(self.adapters, self.weights)):
+                 + (f" into {self.output} ({self.format})" if self.output is not None else "")
+                 + f", {self.threads} CPU thread{'s' if self.threads != 1 else ''}"]
+        width = max((len(n) for n in self.names), default=0)
+        for i, (name, ad, w) in enumerate(zip(self.names, self.adapters, self.weights)):
             shared = sum(1 for e in self.modules if len(e.specs) > 1 and any(j == i for j, _ in e.specs))
-            lines.append(f"  [{i}] {ad.label:<{width}}  {ad.format}, weight {w:g}, {len(ad.modules)} modules "
+            lines.append(f"  [{i}] {name:<{width}}  {ad.format}, weight {w:g}, {len(ad.modules)} modules "
                          f"({shared} shared with another adapter)")
         if self.modules:
             shared = sum(1 for e in self.modules if len(e.specs) > 1)
@@ -243,8 +248,11 @@ def check_device(device) -> torch.device | None:
         return None
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r} ({' '.join(str(e).split())[:200]})") from None
+    except (RuntimeError, TypeError):
+        from .config import suggest
+        word = str(device).split(":")[0].lower()
+        hint = " (did you mean cuda?)" if word in ("gpu", "cuda0", "nvidia") else suggest(word, ("cpu", "cuda"))
+        raise ValueError(f"unknown device {device!r}{hint}; the merge runs on cpu or cuda (cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
@@ -288,6 +296,14 @@ def open_adapters(adapters: Sequence, problem: _Problems | None = None) -> tuple
         sources.append(_source_path(ad))
         kept.append(i)
     return opened, sources, kept
+
+
+def _name(source, ad: Adapter) -> str:
+    """An adapter as the user named it: the path or Hub id given (not the weights file inside a
+    folder), or the adapter's own label for one in memory."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return ad.label
 
 
 def _source_path(ad: Adapter) -> Path | None:
@@ -361,24 +377,34 @@ def _describe(spec: ModuleSpec) -> str:
     return f"{spec.kind} [{', '.join(map(str, (spec.out_features, *spec.a_shape[1:])))}]"
 
 
-def choose_ranks(entries: list[ModuleEntry], rank: int | str) -> list[str]:
+def choose_ranks(entries: list[ModuleEntry], rank: int | str, pad: bool = False) -> list[str]:
     """Set each module's merged rank: ``rank`` capped at ``min(m, n)`` (a rank-``min(m, n)``
-    LoRA already holds any update), or with ``rank="full"`` ``min(R, m, n)``, R the sum of its
-    adapters' ranks: every direction the inputs have, so ``sum`` is exact. Returns notes on
-    the capped modules."""
+    LoRA already holds any update) and at R, the sum of its adapters' ranks (the most directions
+    its inputs span: more would be rows of zeros), or with ``rank="full"`` ``min(R, m, n)``:
+    every direction the inputs have, so ``sum`` is exact. ``pad``: keep ``rank`` above R (the
+    extra rows are zeros; every module then has the rank asked for, up to ``min(m, n)``).
+    Returns notes on the capped modules."""
     capped: dict[tuple, int] = {}
+    spanned: dict[tuple, int] = {}
     for e in entries:
         s = e.first
         cap = min(s.out_features, s.in_features)
         if rank == FULL_RANK:
             e.rank = min(e.stacked_rank, cap)
-        else:
-            e.rank = min(rank, cap)
-            if rank > cap:
-                key = (s.kind, s.out_features, s.in_features)
-                capped[key] = capped.get(key, 0) + 1
-    return [f"rank {rank} capped at min(m, n) = {min(m, n)} on {k} {kind} module{'s' if k != 1 else ''} "
-            f"of shape {m}x{n}" for (kind, m, n), k in capped.items()]
+            continue
+        e.rank = min(rank, cap)
+        if rank > cap:
+            key = (s.kind, s.out_features, s.in_features)
+            capped[key] = capped.get(key, 0) + 1
+        if not pad and e.stacked_rank < e.rank:
+            e.rank = e.stacked_rank
+            spanned[e.rank] = spanned.get(e.rank, 0) + 1
+    notes = [f"rank {rank} capped at min(m, n) = {min(m, n)} on {k} {kind} module{'s' if k != 1 else ''} "
+             f"of shape {m}x{n}" for (kind, m, n), k in capped.items()]
+    notes += [f"rank {rank} capped at {r}, the sum of the input ranks (the most directions the inputs span), on "
+              f"{k} module{'s' if k != 1 else ''}; pad_rank (--pad-rank) keeps rank {rank} with zero rows"
+              for r, k in sorted(spanned.items())]
+    return notes
 
 
 def plan_groups(entries: list[ModuleEntry], max_bytes: int) -> list[list[ModuleEntry]]:
@@ -427,10 +453,11 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
               device=None, dtype=None,
               max_group_bytes: int = DEFAULT_GROUP_BYTES, output=None, format: str | None = None,
               overwrite: bool = False, kohya_prefix: str = DEFAULT_PREFIX, strict: bool = True,
-              **rule_params) -> MergePlan:
+              threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergePlan:
     """Plan a merge (see :func:`ctm_kernels.merge` for the arguments). With ``strict`` the first
     problem raises ``ValueError`` naming the file and key; otherwise every problem found is in
     ``plan.problems``."""
+    from ..threads import check_threads
     from .config import suggest
     from .write import check_output
 
@@ -456,6 +483,10 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
     checked(check_solver, stop, tol, max_iter, beta)
     tol = DEFAULT_TOL.get(stop, DEFAULT_TOL["energy"]) if tol is None else tol     # resolved: it decides the bytes
     fmt = checked(output_format, output, format, default="peft")
+    nthreads = checked(check_threads, threads, default=1)
+    if not isinstance(pad_rank, bool):
+        problem(f"pad_rank must be True or False, got {pad_rank!r}")
+        pad_rank = False
     if isinstance(max_group_bytes, bool) or not isinstance(max_group_bytes, int) or max_group_bytes < 1:
         problem(f"max_group_bytes must be a positive integer, got {max_group_bytes!r}")
         max_group_bytes = DEFAULT_GROUP_BYTES
@@ -468,7 +499,14 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
         problem(f"no module is adapted by more than one of the {len(opened)} adapters (first modules: "
                 f"{', '.join(a.label + ': ' + next(iter(a.modules)) for a in opened[:2])}); adapters of "
                 "different base models, or module names that do not match, cannot be merged", AdapterError)
-    notes = choose_ranks(entries, rank)
+    notes = choose_ranks(entries, rank, pad_rank)
+    if method == "iso_cts":
+        for e in entries:
+            if len(e.specs) >= e.rank:
+                problem(f"{e.name}: iso_cts needs fewer adapters at a module than its merged rank; "
+                        f"{len(e.specs)} of the {len(opened)} adapters adapt it at rank {e.rank} (adapters "
+                        f"{','.join(str(i) for i, _ in e.specs)}): give a higher rank or another method")
+                break
     cdtype = checked(resolve_dtype, dtype, opened)
     dev = checked(check_device, device)
     if output is not None and fmt == "peft":
@@ -498,7 +536,9 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
                      device=dev, format=fmt, output=None if output is None else Path(output), overwrite=overwrite,
                      kohya_prefix=kohya_prefix, max_group_bytes=max_group_bytes,
                      engine=dict(beta=beta, scale=scale, stop=stop, tol=tol, max_iter=max_iter),
-                     modules=entries, problems=problem.found, notes=notes, sources=sources)
+                     modules=entries, problems=problem.found, notes=notes, sources=sources,
+                     names=[_name(adapters[i], ad) for i, ad in zip(kept, opened)], threads=nthreads,
+                     pad_rank=pad_rank)
     plan.groups = plan_groups(entries, max_group_bytes) if entries else []
     k = 0
     for g in plan.groups:

@@ -181,12 +181,18 @@ class MergeResult:
             f"subspace iterations per module: mean {sum(its) / max(1, len(its)):.1f}, max {max(its, default=0)}, "
             f"stop test {self.plan.engine['stop'] if self.plan is not None else '?'}"
             + (f"; {_plural(unconverged, 'module')} stopped at max_iter before it passed" if unconverged else ""),
-            "share of each adapter's update kept: in the merged subspace / in the merged update (after the rule):",
+            "each adapter's update: share of its energy in the merged subspace (at most 100 %) / how much of it "
+            "the merged update carries, <dW_t, dW> / ||dW_t||^2 (100 %: at full strength):",
         ]
         width = max(len(a) for a in self.adapters)
         shares = self.share_after_rule or [float("nan")] * len(self.adapters)
         for label, kept, share in zip(self.adapters, self.energy_kept, shares):
             lines.append(f"  {label:<{width}}  {100 * kept:6.2f} %  {100 * share:7.2f} %")
+        if any(sh > 1.0 for sh in shares):
+            lines.append("  (above 100 %: other adapters' updates point the same way and add to this one's, "
+                         "as summing two copies of an adapter carries it at 200 %)")
+        if any(sh < 0.0 for sh in shares):
+            lines.append("  (below 0 %: the merged update points against this adapter's update)")
         st = self.stats
         procs = f" on {st.world_size} processes" if st.world_size > 1 else ""
         lines.append(f"{_plural(st.groups, 'module group')}{procs}; read {st.bytes_read / 2**20:,.1f} MiB of factors "

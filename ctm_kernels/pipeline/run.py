@@ -86,7 +86,7 @@ def execute(plan: MergePlan, *, progress=False, prefetch: bool = True, distribut
     ranks = Ranks.detect(distributed)
     order = ranks.share(plan.group_bytes())
     result = MergeResult(modules=[_skeleton(e, plan.dtype) for e in plan.modules], rank=plan.rank,
-                         method=plan.method, params=plan.params, adapters=[a.label for a in plan.adapters],
+                         method=plan.method, params=plan.params, adapters=list(plan.names) or [a.label for a in plan.adapters],
                          energy_kept=[], seconds=0.0, plan=plan, output=plan.output,
                          format=None if plan.output is None else plan.format)
 
