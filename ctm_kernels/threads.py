@@ -1,10 +1,11 @@
 """How many CPU threads a merge uses: the ``threads`` setting of the API, the PEFT integration
 and ``ctm --threads``.
 
-``threads=None`` (the default everywhere) picks :func:`default_threads`: the cores this process
-may actually run on (:func:`available_cpus`: its CPU affinity, capped by a cgroup CPU quota),
-less one per process already keeping a core busy (the 1-minute load average, rounded up), at
-least 1, and under ``torchrun`` divided between the ranks of one machine. Extra threads pay
+``threads=None`` (the default everywhere) picks :func:`default_threads`: ``OMP_NUM_THREADS`` when
+it is set (as torchrun sets it for several ranks), else the cores this process may actually run
+on (:func:`available_cpus`: its CPU affinity, capped by a cgroup CPU quota), less one per process
+already keeping a core busy (the 1-minute load average, rounded up), at least 1, and under
+``torchrun`` divided between the ranks of one machine. Extra threads pay
 little on a merge's small products, while oversubscribed ones cost a lot: on this project's
 shared 2-core machine two threads took up to 45x one thread's time (docs/THREADS.md).
 
@@ -84,6 +85,9 @@ def _busy_cores(root: Path) -> int:
 
 def default_threads(root: str | os.PathLike = "/") -> int:
     """The thread count a merge takes when none is given (see the module docstring)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp)
     root = Path(root)
     free = available_cpus(root) - _busy_cores(root)
     try:

@@ -31,6 +31,7 @@ def _fake_root(tmp_path: Path, cgroup: str, files: dict, loadavg: str = "0.00 0.
 def test_available_cpus_from_affinity_and_cgroup_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     # cgroup v2: cpu.max of the process's group (1.5 CPUs -> 2)
     v2 = _fake_root(tmp_path / "v2", "0::/jobs/me\n", {"sys/fs/cgroup/jobs/me/cpu.max": "150000 100000\n"})
     assert th.available_cpus(v2) == 2
@@ -54,6 +55,8 @@ def test_available_cpus_from_affinity_and_cgroup_quota(tmp_path, monkeypatch):
                       loadavg="7.5 7 7 9/300 9")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert th.default_threads(full) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")            # set by the user (or torchrun): the default
+    assert th.default_threads(full) == 6
 
 
 def _record_threads(monkeypatch) -> list[int]:
