@@ -457,3 +457,19 @@ def test_wrong_variant_is_caught(mutation, monkeypatch):
 
 def test_every_rule_has_a_caught_variant():
     assert {rule for rule, _, _ in MUTATIONS.values()} == set(rules.RULES) | {"weights"}
+
+
+@pytest.mark.parametrize("method, params, bad", [
+    ("ties", {"top_k": 0}, "top_k=0"), ("ties", {"top_k": 0.0}, "top_k=0.0"), ("ties", {"top_k": 1.01}, "top_k=1.01"),
+    ("dare_ties", {"top_k": 0}, "top_k=0"), ("dare", {"p": 1.0}, "p=1.0"), ("dare", {"p": -0.1}, "p=-0.1"),
+    ("dare", {"seed": -1}, "seed=-1"), ("dare", {"seed": 1.5}, "seed=1.5"), ("dare", {"seed": True}, "seed=True"),
+    ("dare_ties", {"normalize": 1}, "normalize=1"),
+], ids=["ties-top_k-0", "ties-top_k-0.0", "ties-top_k-above-1", "dare_ties-top_k-0", "dare-p-1", "dare-p-negative",
+        "dare-seed-negative", "dare-seed-float", "dare-seed-bool", "dare_ties-normalize-int"])
+def test_parameters_outside_their_range_are_refused(method, params, bad):
+    """Each parameter's declared range, ends included or not as documented: top_k in (0, 1] (top_k = 0
+    would silently keep one entry per task), p in [0, 1), seed a non-negative int, normalize a bool."""
+    with pytest.raises(ValueError, match=rf"method '{method}': {bad} is invalid"):
+        rules.resolve_params(method, params)
+    assert rules.resolve_params("ties", {"top_k": 1.0})["top_k"] == 1.0
+    assert rules.resolve_params("dare", {"p": 0.0, "seed": 0}) == {"p": 0.0, "seed": 0}
