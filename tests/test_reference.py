@@ -33,3 +33,20 @@ def test_energy_left_needs_two_rounding_level_changes_to_end():
     assert left(math.nan, tiny, tiny) == 0.0                  # two rounding changes suffice, even early
     batch = torch.tensor([[1e-3, 1e-3, tiny], [1e-3, tiny, tiny], [1e-3, 5e-4, 4e-4]], dtype=torch.float64)
     assert ref.energy_left(batch).tolist() == [math.inf, 0.0, pytest.approx(1.6e-3, rel=1e-12)]
+
+
+@pytest.mark.parametrize("method", ["sum", "ties"])
+def test_reference_negative_scale_negates_the_merge(method):
+    """``scale = -2`` gives minus the ``scale = 2`` update in the reference too (its factors carry the
+    sign on B), on the dense reference and on the engine's ``reference`` backend."""
+    import ctm_kernels as ck
+
+    g = torch.Generator().manual_seed(0)
+    A = [torch.randn(3, 9, generator=g, dtype=torch.float64) for _ in range(2)]
+    B = [torch.randn(7, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    dWs = ref.dense_updates(A, B)
+    pos, neg = (ref.ctm(dWs, 4, method, scale=s, stop="subspace", tol=1e-12) for s in (2.0, -2.0))
+    assert torch.allclose(neg.B @ neg.A, -(pos.B @ pos.A), atol=1e-12) and float(pos.dW.norm()) > 1
+    assert torch.allclose(neg.dW, -pos.dW, atol=1e-12)
+    out = ck.merge_layer(A, B, rank=4, method=method, scale=-2.0, backend="reference", stop="subspace", tol=1e-12)
+    assert torch.allclose(out.B @ out.A, -(pos.B @ pos.A), atol=1e-10)
