@@ -668,3 +668,87 @@ def test_merge_without_prefetch_is_the_same():
     for x, y in zip(a.modules, b.modules):
         assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
     assert b.stats.bytes_read == a.stats.bytes_read
+
+
+# ------------------------------------------------------------------------------------------
+# what the merge refuses and how it orders what it plans
+
+
+REFUSED_FIELDS = ["use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "target_parameters",
+                  "layer_replication", "use_qalora", "alora_invocation_tokens", "velora_config", "monteclora_config",
+                  "use_bdlora", "arrow_config", "kasa_config"]
+
+
+@pytest.mark.parametrize("field", REFUSED_FIELDS)
+def test_every_refused_config_field_is_refused_by_name(tmp_path, field):
+    """Every PEFT setting that makes the update something other than ``scale * B @ A`` is refused,
+    naming the config and the field (never merged as a plain LoRA). The list is written out here, so
+    a setting dropped from the reader's list fails its case."""
+    folder = peft_folder(tmp_path / "a", {"model.q_proj": _pair(8, 8, 4, 0)}, {field: True})
+    with pytest.raises(AdapterError, match=rf"adapter_config.json: {field}: .*cannot merge it exactly"):
+        read_peft(folder)
+
+
+def test_base_weights_of_a_module_without_lora_are_refused(tmp_path):
+    """PEFT saves ``<module>.base_layer.weight`` only beside that module's LoRA (a targeted embedding
+    or lm_head); base weights of a module the adapter does not adapt are a full trained weight."""
+    mods = {"model.q_proj": _pair(8, 8, 4, 0)}
+    ok = peft_folder(tmp_path / "ok", mods, {})
+    save_file({f"{P}model.q_proj.lora_A.weight": mods["model.q_proj"][0],
+               f"{P}model.q_proj.lora_B.weight": mods["model.q_proj"][1],
+               f"{P}model.q_proj.base_layer.weight": torch.ones(8, 8)}, str(ok / "adapter_model.safetensors"))
+    assert read_peft(ok).passthrough == [f"{P}model.q_proj.base_layer.weight"]
+    bad = peft_folder(tmp_path / "bad", mods, {})
+    save_file({f"{P}model.q_proj.lora_A.weight": mods["model.q_proj"][0],
+               f"{P}model.q_proj.lora_B.weight": mods["model.q_proj"][1],
+               f"{P}lm_head.base_layer.weight": torch.ones(8, 8)}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=rf"{P}lm_head.base_layer.weight: not a LoRA factor"):
+        read_peft(bad)
+
+
+def test_conv_lora_whose_up_projection_is_not_1x1_is_refused(tmp_path):
+    """A conv LoRA merges as ``B [out, r] @ A [r, in * kernel]`` only when B is a 1x1 convolution; a
+    B with a kernel of its own has no such flattening and is refused naming the key."""
+    t = {f"{P}conv.lora_A.weight": torch.ones(4, 3, 3, 3), f"{P}conv.lora_B.weight": torch.ones(8, 4, 3, 3)}
+    (tmp_path / "a").mkdir()
+    save_file(t, str(tmp_path / "a" / "adapter_model.safetensors"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(AdapterError, match=r"conv.lora_B.weight: conv LoRA factors .* 1x1 up-projection"):
+        read_peft(tmp_path / "a")
+
+
+def test_conv_and_linear_lora_of_one_flattened_shape_do_not_merge(tmp_path):
+    """A conv LoRA ``[r, 3, 3, 3]`` and a linear one ``[r, 27]`` on a module of the same name flatten to
+    the same 8 x 27 update but adapt different layers: a problem naming both, never a merge."""
+    conv = {f"{P}m.lora_A.weight": torch.ones(4, 3, 3, 3), f"{P}m.lora_B.weight": torch.ones(8, 4, 1, 1)}
+    (tmp_path / "c").mkdir()
+    save_file(conv, str(tmp_path / "c" / "adapter_model.safetensors"))
+    (tmp_path / "c" / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    lin = peft_folder(tmp_path / "l", {"m": _pair(8, 27, 4, 0)}, {})
+    plan = ctm_kernels.plan_merge([tmp_path / "c", lin], rank=2)
+    assert any("module m is linear [8, 27] here but conv [8, 3, 3, 3]" in p for p in plan.problems), plan.problems
+    with pytest.raises(ValueError, match="module m is linear"):
+        merge([tmp_path / "c", lin], rank=2)
+
+
+def test_modules_planned_in_natural_order():
+    """Modules come out in natural order (``layers.2`` before ``layers.10``): the order of the output
+    file and of the module ids that seed DARE masks."""
+    names = [f"model.layers.{i}.{p}" for i in (10, 2, 1, 0) for p in ("v_proj", "q_proj")]
+    sd = {}
+    for k, name in enumerate(names):
+        A, B = _pair(4, 4, 2, k)
+        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = A, B
+    ad = open_adapter((sd, {"r": 2, "lora_alpha": 2}), label="x")
+    got = [e.name for e in plan_modules([ad])]
+    assert got == [f"model.layers.{i}.{p}" for i in (0, 1, 2, 10) for p in ("q_proj", "v_proj")]
+
+
+def test_dry_run_weights_stay_with_their_adapters(tmp_path):
+    """A dry run with an adapter that does not open keeps each weight beside its own adapter."""
+    a = peft_folder(tmp_path / "a", {"model.q_proj": _pair(8, 8, 4, 0)}, {})
+    b = peft_folder(tmp_path / "b", {"model.q_proj": _pair(8, 8, 4, 1)}, {})
+    plan = ctm_kernels.plan_merge([tmp_path / "missing", a, b], rank=2, weights=[5.0, 2.0, 3.0])
+    assert any("missing: no such file" in p for p in plan.problems)
+    assert plan.weights == [2.0, 3.0]
+    assert "weight 2, " in plan.describe() and "weight 5" not in plan.describe()
