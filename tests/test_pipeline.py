@@ -652,3 +652,61 @@ def test_rank_capped_at_what_the_inputs_span_unless_padded(tmp_path):
     padded = ctm_kernels.merge([a, b], rank=16, method="sum", pad_rank=True)
     assert {mm.name: mm.rank for mm in padded.modules} == {"m.k_proj": 16, "m.q_proj": 16}
     assert res.plan.pad_rank is False
+
+
+def test_overwrite_refuses_real_adapters_that_ctm_did_not_write(two, tmp_path, capsys):
+    """``--overwrite`` replaces only a previous ctm output: a PEFT adapter saved by PEFT (a valid
+    safetensors file with PEFT's metadata) and a kohya file from another tool are left as they are."""
+    a, b = two
+    peft_made = peft_folder(tmp_path / "peft_made", {"model.layers.0.q_proj": _pair(16, 24, 4, 9)})
+    kohya_made = kohya_file(tmp_path / "kohya_made.safetensors", {"lora_unet_q": _pair(16, 24, 4, 9)}, {})
+    for dest in (peft_made, kohya_made):
+        before = _tree(dest) if dest.is_dir() else dest.read_bytes()
+        assert main(["merge", str(a), str(b), "-o", str(dest), "--rank", "2", "--overwrite", "-q"]) == 2
+        assert "not" in capsys.readouterr().err
+        assert (_tree(dest) if dest.is_dir() else dest.read_bytes()) == before
+
+
+def test_config_density_means_top_k_for_ties(two, tmp_path):
+    """mergekit's ``density`` in a ``ties`` config is the share each task keeps, ``top_k``: the bytes
+    of ``--top-k``."""
+    a, b = two
+    flags = tmp_path / "flags"
+    assert main(["merge", str(a), str(b), "-o", str(flags), "--rank", "3", "--method", "ties", "--top-k", "0.3",
+                 "-q"]) == 0
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: ties\nrank: 3\nparameters: {{density: 0.3}}\nadapters: [{a}, {b}]\n"
+                   "output: from_config\n")
+    assert main(["merge", "--config", str(cfg), "-q"]) == 0
+    assert _tree(tmp_path / "from_config") == _tree(flags)
+
+
+def test_config_paths_are_relative_to_the_config_file(two, tmp_path, monkeypatch):
+    """Relative adapter and output paths in a config are read from the config's folder, wherever the
+    command runs."""
+    a, b = two
+    flags = tmp_path / "flags"
+    assert main(["merge", str(a), str(b), "-o", str(flags), "--rank", "3", "--method", "sum", "-q"]) == 0
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("merge_method: sum\nrank: 3\nadapters: [a, b]\noutput: from_config\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["merge", "--config", str(cfg), "-q"]) == 0
+    assert _tree(tmp_path / "from_config") == _tree(flags) and not list(elsewhere.iterdir())
+
+
+def test_resolved_config_repeats_a_merge_with_every_solver_setting(two, tmp_path):
+    """The ``ctm_merge.yaml`` an output carries records beta, scale, stop, tol and max_iter when they
+    are not the defaults, and merging from it gives the same bytes."""
+    a, b = two
+    out = tmp_path / "out"
+    assert main(["merge", str(a), str(b), "-o", str(out), "--rank", "3", "--method", "sum", "--beta", "0.3",
+                 "--scale", "0.7", "--stop", "subspace", "--tol", "0.01", "--max-iter", "40", "-q"]) == 0
+    import yaml
+    saved = yaml.safe_load((out / "ctm_merge.yaml").read_text())
+    assert {k: saved[k] for k in ("beta", "scale", "stop", "tol", "max_iter")} == \
+        {"beta": 0.3, "scale": 0.7, "stop": "subspace", "tol": 0.01, "max_iter": 40}
+    again = tmp_path / "again"
+    assert main(["merge", "--config", str(out / "ctm_merge.yaml"), "-o", str(again), "-q"]) == 0
+    assert _tree(again) == _tree(out)
