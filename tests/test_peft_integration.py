@@ -261,7 +261,7 @@ def test_conv_lora_exact(tmp_path):
 def test_conv1d_lora_round_trip_through_peft(tmp_path):
     """Conv1d LoRA (A ``[r, in, k]``, B ``[out, r, 1]``): PEFT saves two adapters, the merge reads them
     as kernels (not linear factors), writes factors of the stored layout, and PEFT loads the merged
-    adapter to the base plus both updates."""
+    adapter to the base plus both updates; merged in memory (``add_merged_adapter``), the same."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -294,8 +294,16 @@ def test_conv1d_lora_round_trip_through_peft(tmp_path):
             base.get_submodule(name).weight += mod.get_delta_weight("x") + mod.get_delta_weight("y")
         want = base(x)
         plain = Net()(x)
+        # in memory too: the loaded Conv1d adapters merged into the model they are loaded in
+        add_merged_adapter(pm, ["x", "y"], "ctm", rank=5, method="sum")
+        conv = _lora_modules(pm)["conv"]
+        torch.testing.assert_close(conv.get_delta_weight("ctm"), conv.get_delta_weight("x") + conv.get_delta_weight("y"),
+                                   rtol=1e-4, atol=1e-5)
+        pm.set_adapter("ctm")
+        mem = pm(x)
     assert float((want - plain).abs().max()) > 1e-2          # the updates matter to the output
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mem, want, rtol=1e-4, atol=1e-4)
 
 
 def test_real_dora_and_modules_to_save_refused(tmp_path, capsys):
