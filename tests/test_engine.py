@@ -447,3 +447,39 @@ def test_merge_of_scaled_factors_is_the_scaled_merge(case, dtype, c, side):
     want = c * (base.B.double() @ base.A.double())
     assert scaled.B.dtype == dtype
     assert relerr(scaled.B.double() @ scaled.A.double(), want) <= {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
+
+
+@pytest.mark.parametrize("m, n", [(12, 20), (20, 12)], ids=["wide", "tall"])
+def test_rank_above_min_m_n_is_refused(m, n):
+    """A rank above ``min(m, n)`` has no orthonormal basis on the short side: refused naming both,
+    whichever side is short; ``min(m, n)`` itself merges."""
+    A, B = gaussian(m, n, [4, 4], seed=5)
+    with pytest.raises(ValueError, match=rf"rank 13 exceeds min\(m, n\) = 12 of the {m}x{n} layer"):
+        ck.merge_layer(A, B, rank=13)
+    with pytest.raises(ValueError, match=r"layer 0: rank 13 exceeds min\(m, n\) = 12"):
+        ck.prepare_layers([(A, B)], rank=13)
+    assert ck.merge_layer(A, B, rank=12, method="sum").B.shape == (m, 12)
+
+
+def test_bases_are_orthonormal_whatever_the_adapters_scales():
+    """``Plan.bases()`` spans the scaled updates: orthonormal columns with ``U^T dW_t V`` the
+    coordinates, for adapters with unequal scales and weights."""
+    A, B, scales, rank = _case("mixed_ranks", torch.float64)
+    plan = ck.prepare(A, B, rank=rank, scales=scales, weights=[0.5, 2.0, 1.0])
+    U, V = plan.bases()
+    eye = torch.eye(rank, dtype=torch.float64)
+    assert torch.allclose(U.mT @ U, eye, atol=1e-10) and torch.allclose(V.mT @ V, eye, atol=1e-10)
+    dWs = ref.dense_updates(A, B, scales, [0.5, 2.0, 1.0])
+    assert torch.allclose(U.mT @ dWs @ V, plan.coordinates, atol=1e-10)
+
+
+def test_same_shape_layers_of_different_dtypes_keep_their_own_dtype():
+    """``merge_layers`` batches layers of one shape only when their dtypes agree: a float32 and a
+    bfloat16 layer of the same shape each come back in their own dtype, as merged alone."""
+    A, B = gaussian(24, 20, [3, 3], seed=6)
+    layers = [([a.float() for a in A], [b.float() for b in B]), ([a.bfloat16() for a in A], [b.bfloat16() for b in B])]
+    outs = ck.merge_layers(layers, rank=4, method="sum")
+    for (Al, Bl), out in zip(layers, outs, strict=True):
+        alone = ck.merge_layer(Al, Bl, rank=4, method="sum")
+        assert out.A.dtype == out.B.dtype == Al[0].dtype
+        assert torch.equal(out.A, alone.A) and torch.equal(out.B, alone.B)
