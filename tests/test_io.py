@@ -752,3 +752,17 @@ def test_dry_run_weights_stay_with_their_adapters(tmp_path):
     assert any("missing: no such file" in p for p in plan.problems)
     assert plan.weights == [2.0, 3.0]
     assert "weight 2, " in plan.describe() and "weight 5" not in plan.describe()
+
+
+def test_dare_masks_of_same_shape_modules_do_not_depend_on_their_batch():
+    """Modules of one shape are merged as one batch or, under a small ``max_group_bytes``, one by one:
+    each draws its DARE mask from its own module id either way (never from its place in the batch)."""
+    mods = [f"model.layers.{i}.q_proj" for i in range(3)]
+    ads = [open_adapter(({f"{P}{n}.lora_{w}.weight": f for n in mods
+                          for w, f in zip("AB", _pair(12, 10, 3, 10 * t + mods.index(n)))}, {"r": 3, "lora_alpha": 3}),
+                        label=f"a{t}") for t in range(2)]
+    whole = merge(ads, rank=4, method="dare", p=0.5, seed=7)
+    split = merge(ads, rank=4, method="dare", p=0.5, seed=7, max_group_bytes=1)
+    assert len(whole.plan.groups) == 1 and len(split.plan.groups) == 3
+    for a, b in zip(whole.modules, split.modules, strict=True):
+        torch.testing.assert_close(a.update(), b.update(), rtol=1e-6, atol=1e-6)
