@@ -182,8 +182,8 @@ def rtr(problem, U, V, *, gtol=1e-10, max_outer=200, max_cg=300):
 def hooi_sweeps(P, Pc, Q, Qc, T, U, V, count):
     """Plain HOOI sweeps in whitened coordinates (the engine's half-step)."""
     for _ in range(count):
-        U = engine._half_step(P, Qc, V, T, RANK)[1]
-        V = engine._half_step(Q, Pc, U, T, RANK)[1]
+        U = engine._top_r(engine.half_step_images(P, Qc, V, T), RANK)[1]
+        V = engine._top_r(engine.half_step_images(Q, Pc, U, T), RANK)[1]
     return U, V
 
 

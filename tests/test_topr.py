@@ -193,7 +193,8 @@ def _count_routes(monkeypatch):
 
 
 def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
-    """A dense solve priced at 6 factored steps (below WARM_STEPS): the warm half-steps are
+    """Plain HOOI (``accelerate=False``, the exact half-steps). A dense solve priced at 6
+    factored steps (below WARM_STEPS): the warm half-steps are
     dense by default, so nothing goes factored; once a side has had HINT_SOLVES factored solves
     in a row (forced here), its next half-steps are expected to take as many steps as the last
     one plus one and go factored; after a single one they stay dense. The answer is the dense
@@ -201,27 +202,27 @@ def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
     from benchmarks.bench_layer import make_adapters
 
     A, B = make_adapters("gaussian", 96, 48, 8, 8, torch.float64, "cpu")   # sides of 64 and 48
-    tight = dict(rank=8, stop="subspace", tol=1e-10, max_iter=5000, method="sum")
+    tight = dict(rank=8, stop="subspace", tol=1e-10, max_iter=5000, method="sum", accelerate=False)
     dense = engine.merge_layer(A, B, **tight)
     monkeypatch.setattr(topr, "dense_seconds", lambda k, p, dtype: 6 * topr.factored_step_seconds(
         k, p, min(k, 8 + topr.GUARD), topr.DEPTH, dtype))
     seen = _count_routes(monkeypatch)
     engine.merge_layer(A, B, **tight)
     assert all(route == "dense" for route, _, _ in seen)          # WARM_STEPS > 6: never factored
-    half_step = engine._half_step
+    top_r = engine._top_r
     assert engine.HINT_SOLVES == 2
     for forced in (1, 2):
         seen.clear()
         count = {}
 
-        def forcing(Rx, Ry, V, T, rank, X0=None, expected=None):
-            side = Rx.shape[1]
-            if count.get(side, 0) < forced:
+        def forcing(Z, rank, X0=None, expected=None):
+            side = Z.shape[1]
+            if X0 is not None and count.get(side, 0) < forced:     # a warm half-step, not the HOSVD
                 count[side] = count.get(side, 0) + 1
                 expected = 1                            # the first warm solves of a side go factored
-            return half_step(Rx, Ry, V, T, rank, X0, expected)
+            return top_r(Z, rank, X0, expected)
 
-        monkeypatch.setattr(engine, "_half_step", forcing)
+        monkeypatch.setattr(engine, "_top_r", forcing)
         out = engine.merge_layer(A, B, **tight)
         factored = [s for route, s, ok in seen if route == "factored" and ok]
         assert len(count) == 2 and max(factored) <= 6
@@ -257,3 +258,115 @@ def test_gram_by_block_rows_is_the_full_product(k, p, dtype, monkeypatch):
     assert torch.isfinite(got).all() and torch.equal(got, got.mT)
     tol = 1e-14 if dtype == torch.float64 else 1e-6
     assert float((got.double() - want).norm() / want.norm()) < tol
+
+
+# ------------------------------------------------------------------------------------------
+# the block half-step (block_step): one warm-started Chebyshev-filtered step on b columns
+
+
+def _spectrum_factor(L, k, p, sv, seed=0, dtype=torch.float64):
+    """``Z [L, k, p]`` with singular values ``sv`` (``Z Z^T`` has their squares, the rest zero)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(sv)
+    Qk = torch.linalg.qr(torch.randn(L, k, n, generator=g, dtype=torch.float64)).Q
+    Qp = torch.linalg.qr(torch.randn(L, p, n, generator=g, dtype=torch.float64)).Q
+    return ((Qk * torch.as_tensor(sv, dtype=torch.float64)) @ Qp.mT).to(dtype)
+
+
+def _projector_gap(U, W):
+    return float(torch.linalg.matrix_norm(U @ U.mT - W @ W.mT, ord=2).max())
+
+
+BLOCK_CASES = {
+    # name: (k, p, r, b, singular values)
+    "flat_bulk": (90, 70, 8, 16, [3.0, 2.5, 2.0] + [1.0 - 0.004 * i for i in range(60)]),
+    "r1": (33, 41, 1, 9, [2.0] + [1.0 - 0.01 * i for i in range(30)]),
+    "rank_deficient": (50, 6, 4, 12, [5.0, 4.0, 3.0, 2.0, 1.0, 0.5]),   # Z Z^T of rank 6 < b
+    "block_is_everything": (17, 30, 5, 17, [2.0 ** -i for i in range(17)]),
+    "ill_conditioned": (64, 64, 6, 14, [10.0 ** (-i / 3) for i in range(40)]),   # cond(M) = 1e26
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_block_steps_reach_the_top_eigenvectors(case, dtype):
+    """Repeated block steps from a random block end at the float64 eigh's top-r subspace
+    (projectors) and eigenvalues, on a flat bulk, r = 1, a Z Z^T of lower rank than the block,
+    a block as wide as the space and an ill-conditioned spectrum, in float64 and float32."""
+    k, p, r, b, sv = BLOCK_CASES[case]
+    Z = _spectrum_factor(2, k, p, sv, seed=len(case), dtype=dtype)
+    lam, X = torch.linalg.eigh(Z.double() @ Z.double().mT)
+    want_w, want_U = lam.flip(-1)[:, :r], X.flip(-1)[..., :r]
+    g = torch.Generator().manual_seed(1)
+    Q = torch.linalg.qr(torch.randn(2, k, b, generator=g, dtype=torch.float64)).Q.to(dtype)
+    for _ in range(40):
+        th, Q, degree = topr.block_step(Z, Q, r)
+    assert Q.dtype == dtype and th.shape == (2, b) and Q.shape == (2, k, b)
+    assert torch.allclose(Q.mT @ Q, torch.eye(b, dtype=dtype).expand(2, b, b), atol=50 * torch.finfo(dtype).eps)
+    assert bool((th[:, :-1] >= th[:, 1:]).all())                 # descending Ritz values
+    eps = torch.finfo(dtype).eps
+    # top-r subspace to rounding where the gap allows (rank_deficient: exact top 4 of 6)
+    gap = float((want_w[:, -1] - lam.flip(-1)[:, r]).min() / want_w[:, 0].min())
+    assert _projector_gap(Q[..., :r].double(), want_U) <= 200 * eps / gap
+    assert torch.allclose(th[:, :r].double(), want_w, rtol=200 * eps, atol=200 * eps * float(want_w.max()))
+    if case == "block_is_everything":
+        assert int(degree.max()) == 0                       # Rayleigh-Ritz alone, no filter
+
+
+def test_block_step_leaves_an_invariant_block_where_it_is():
+    """The top-b eigenvectors are a fixed point: one step keeps the block's top-r subspace to
+    rounding (what makes HOOI's fixed points the block iteration's)."""
+    k, p, r, b = 40, 50, 6, 12
+    Z = _spectrum_factor(3, k, p, [1.5 ** -i for i in range(30)])
+    lam, X = torch.linalg.eigh(Z @ Z.mT)
+    Q = X.flip(-1)[..., :b]
+    th, Q1, _ = topr.block_step(Z, Q, r)
+    assert _projector_gap(Q1[..., :r], Q[..., :r]) <= 1e-12
+    assert torch.allclose(th, lam.flip(-1)[:, :b], rtol=1e-12, atol=1e-14)
+
+
+def test_filter_degree_is_the_smallest_that_damps_enough():
+    """Known answers: x = 2 theta_r / theta_b - 1 = 3 needs acosh(1/damping) / acosh(3)
+    = 7.6009 / 1.7627 = 4.31, so degree 5 for damping 1e-3; a wide gap needs 1, a flat one
+    is capped; a zero theta_b (rank-deficient M) is clamped to rounding, not divided by."""
+    theta = torch.tensor([[4.0, 2.0, 1.5, 1.0],                  # x = 3
+                          [1e6, 1e6, 1.0, 1.0],                  # x ~ 2e6: one degree
+                          [1.0, 1.0, 0.9999, 0.9999],            # x ~ 1: capped
+                          [3.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
+    d, need = topr.filter_degree(theta, 2, 1e-3, 16)
+    assert d.tolist() == [5, 1, 16, 1] and need[2] > 16
+    assert topr.filter_degree(theta[:1], 2, 1e-2, 16)[0].tolist() == [4]     # acosh(100) / acosh(3) = 3.0
+    # the range cap: x_1 = 7, x_r = 3, (acosh 7 - acosh 3) = 0.87; log(1e-3 / 2^-23) / 0.87 = 10.4
+    capped, _ = topr.filter_degree(torch.tensor([[4.0, 2.0, 1.0]]), 2, 1e-12, 50, eps=2.0 ** -23)
+    assert capped.tolist() == [10]
+
+
+def test_block_step_takes_the_exact_solve_where_the_filter_costs_more(monkeypatch):
+    """With a budget of no degree at all (every filter costs more than a dense solve) the block
+    step returns the exact top-b pairs (degree 0) from any block; with no budget (the GPU's
+    policy) it filters."""
+    k, p, r, b = 40, 50, 6, 12
+    Z = _spectrum_factor(2, k, p, [1.2 ** -i for i in range(30)])
+    lam, X = torch.linalg.eigh(Z @ Z.mT)
+    Q = torch.linalg.qr(torch.randn(2, k, b, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).Q
+    monkeypatch.setattr(topr, "filter_budget", lambda *a: 0)
+    th, Q1, degree = topr.block_step(Z, Q, r)
+    assert degree.tolist() == [0, 0]
+    assert _projector_gap(Q1, X.flip(-1)[..., :b]) <= 1e-12
+    assert torch.allclose(th, lam.flip(-1)[:, :b], rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(topr, "filter_budget", lambda *a: None)
+    assert int(topr.block_step(Z, Q, r)[2].min()) >= 1
+
+
+def test_block_step_refuses_bad_blocks():
+    Z = torch.randn(1, 10, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Q must be"):
+        topr.block_step(Z, torch.randn(1, 10, 11, dtype=torch.float64), 2)      # b > k
+    with pytest.raises(ValueError, match="Q must be"):
+        topr.block_step(Z, torch.randn(1, 10, 3, dtype=torch.float64), 4)       # r > b
+
+
+def test_block_width():
+    """r + r columns up to 32, at least r + 8, never more than the space."""
+    assert [topr.block_width(1000, r) for r in (1, 8, 16, 24, 32)] == [9, 16, 32, 32, 40]
+    assert topr.block_width(20, 16) == 20

@@ -11,7 +11,11 @@ HOSVD init of the engine), and the cost model that picks between the two routes.
   A layer that has not converged within ``max_steps`` is solved densely.
 * :func:`dense_seconds`, :func:`factored_step_seconds` - predicted seconds of one dense solve
   and of one factored step, from FLOP counts and rates measured on this project's CPU; the
-  engine gives the factored route at most the steps that a dense solve would cost.
+  engine gives the factored route at most the steps that a dense solve would cost (the HOSVD
+  start, one solve per layer).
+* :func:`block_step` - the HOOI half-step: ONE warm-started step on a carried block of ``b``
+  orthonormal columns (a Chebyshev filter, then Rayleigh-Ritz on ``b x b``). No ``k x k``
+  matrix and no eigensolve wider than the block.
 """
 from __future__ import annotations
 
@@ -73,17 +77,24 @@ GRAM_BLOCKS_MIN_K = 512
 def gram_rows(Z):
     """``Z Z^T`` ``[L, k, k]`` for ``Z [L, k, p]``, by ``GRAM_BLOCKS`` block rows from
     ``GRAM_BLOCKS_MIN_K`` on (each block row multiplied only up to the diagonal, the upper part
-    mirrored, so the result is exactly symmetric)."""
+    mirrored). Exactly symmetric: a diagonal block's upper triangle is its lower one mirrored
+    (MKL's AVX-512 kernels do not return ``X X^T`` bit-symmetric; the AVX2 ones did)."""
     L, k, _ = Z.shape
     if k < GRAM_BLOCKS_MIN_K:
-        return Z @ Z.mT
+        return _mirror_lower(Z @ Z.mT)
     b = -(-k // GRAM_BLOCKS)
     M = Z.new_empty(L, k, k)
     for i in range(0, k, b):
         e = min(i + b, k)
         M[:, i:e, :e] = Z[:, i:e] @ Z[:, :e].mT
         M[:, :i, i:e] = M[:, i:e, :i].mT
+        M[:, i:e, i:e] = _mirror_lower(M[:, i:e, i:e])
     return M
+
+
+def _mirror_lower(M):
+    """``M [..., k, k]`` with its strict upper triangle replaced by the lower one, mirrored."""
+    return M.tril() + M.tril(-1).mT
 
 
 def top_r_dense(Z, r):
@@ -195,3 +206,136 @@ def top_r_factored(Z, r, X0=None, *, guard=GUARD, depth=DEPTH, max_steps=100, de
         bad = (~done).nonzero().squeeze(1)
         w[bad], U[bad] = top_r_dense(Z[bad], r)
     return w, U, steps, done
+
+
+def block_width(k, r):
+    """Columns ``b`` of the block a side carries from half-step to half-step: ``r`` plus an
+    oversampling of ``r`` (at most 32 columns in all: torch's batched GPU eigh is batched only
+    up to 32 x 32), but at least ``BLOCK_MIN_OVERSAMPLE``, and never more than ``k``.
+    Measured over 300 random sets (docs/DESIGN.md section 8): no oversampling ended 28 of 212
+    sets of a prototype at another stationary point, 8 columns with the plain power step one of
+    150; with the filter below, 8 and ``r`` columns ended all 300 at plain HOOI's objective."""
+    return min(k, max(r + BLOCK_MIN_OVERSAMPLE, min(2 * r, BLOCK_MAX_WIDTH)))
+
+
+BLOCK_MIN_OVERSAMPLE = 8
+BLOCK_MAX_WIDTH = 32
+# The filter's degree is the smallest that damps the block's unwanted part by INNER_DAMPING
+# against its r-th Ritz direction (1 / T_d(x), x = 2 theta_r / theta_b - 1), at most
+# MAX_DEGREE. Plain power steps (degree 1, no shift) took 82 sweeps where exact half-steps took
+# 9 (structured 512^2, T = 32, r = 16, b = 32: the 12 task-specific directions of the top 16
+# sit in a flat bulk, theta_r / theta_b near 1); degree 4 took 10.
+INNER_DAMPING = 1e-3
+MAX_DEGREE = 16
+
+
+def filter_degree(theta, r, damping, max_degree, eps=None):
+    """``[L]`` Chebyshev degrees for Ritz values ``theta [L, b]`` (descending): the smallest
+    ``d`` with ``1 / T_d(2 theta_r / theta_b - 1) <= damping``, in ``[1, max_degree]``, and no
+    more than keeps the filter's range ``T_d(x_1) / T_d(x_r)`` within ``FILTER_RANGE / eps``
+    (``eps``: the working precision; None: no such cap). Past that the filtered columns are
+    swamped by the top eigenvector to rounding and the block loses the directions it wants
+    (float32, a flat bulk under three large eigenvalues: degree 15 let the Ritz values fall
+    from 0.92 to 0.66 while float64 converged). Returns (degrees, the uncapped need ``[L]``)."""
+    e = _filter_edge(theta).squeeze(-1).double()
+    x = (2 * theta[:, r - 1].double() / e - 1).clamp(min=1 + 1e-12)
+    need = torch.ceil(math.acosh(1 / damping) / torch.acosh(x))
+    cap = torch.full_like(need, float(max_degree))
+    if eps is not None:
+        x1 = (2 * theta[:, 0].double() / e - 1).clamp(min=1 + 1e-12)
+        spread = (torch.acosh(x1) - torch.acosh(x)).clamp(min=1e-12)
+        cap = torch.minimum(cap, torch.floor(math.log(FILTER_RANGE / eps) / spread))
+    return torch.minimum(need, cap).clamp(min=1).long(), need
+
+
+def filter_budget(k, p, b, dtype, device):
+    """The highest degree worth filtering with on ``device`` before an exact dense solve of the
+    top ``b`` pairs is cheaper (the cost model's dense solve against ``2 d + 1`` products of
+    ``Z [k, p]`` with ``b`` columns); None on a GPU, where the dense route is the ``k x k``
+    eigensolve that torch does not batch and the filter always pays."""
+    if torch.device(device).type != "cpu":
+        return None
+    product = 2 * k * p * b / _rate(NARROW_FLOPS, dtype)
+    return int((dense_seconds(k, p, dtype) / product - 1) // 2)
+
+
+# the filter may amplify the top Ritz direction over the r-th by at most FILTER_RANGE / eps
+FILTER_RANGE = 1e-3
+
+
+def _filter_edge(theta):
+    """``[L, 1]``: the upper end of the damped interval ``[0, e]``, the block's last Ritz value
+    (an estimate of the largest unwanted eigenvalue), kept above the rounding of the largest."""
+    top = theta[:, :1].clamp(min=0)
+    return torch.maximum(theta[:, -1:], 1e-12 * top).clamp(min=torch.finfo(theta.dtype).tiny)
+
+
+def t_mul(Z, X):
+    """``Z^T X`` as ``(X^T Z)^T``: MKL's float64 product of a transposed ``Z`` with a column-major
+    ``X`` (as QR returns it) ran 8x slower than this form (512 x 512 by 32 columns, one thread:
+    7.8 ms against 0.64 ms)."""
+    return (X.mT @ Z).mT
+
+
+def _ritz(Z, Q):
+    """Rayleigh-Ritz of ``Z Z^T`` on the orthonormal block ``Q [L, k, b]``: Ritz values ``[L, b]``
+    (descending), the rotated block ``Q S`` and ``Z^T Q S`` ``[L, p, b]``."""
+    W = t_mul(Z, Q)
+    H = W.mT @ W
+    th, S = torch.linalg.eigh((H + H.mT) / 2)
+    th, S = th.flip(-1), S.flip(-1)
+    return th, Q @ S, W @ S
+
+
+def block_step(Z, Q, r, *, damping=None, max_degree=None):
+    """One warm-started half-step on ``M = Z Z^T`` (``Z [L, k, p]``, never formed) from the
+    orthonormal block ``Q [L, k, b]`` (the side's block after its previous half-step).
+
+    1. Rayleigh-Ritz on ``Q`` gives the Ritz values ``theta`` of the current ``M``;
+    2. a Chebyshev filter ``T_d((2 M - e) / e)`` on ``[0, e]``, ``e = theta_b``, damps every
+       direction below ``e`` against those above it (degree by :func:`filter_degree`, per layer;
+       columns rescaled at every degree, which the three-term recurrence allows column by column);
+    3. the filtered block is orthonormalised and Rayleigh-Ritz on it (``b x b``) gives the new
+       block, its columns by descending Ritz value.
+
+    The leading ``r`` columns are the new basis. A fixed point is a ``b``-dimensional invariant
+    subspace of ``M`` that the filter does not move, whose top ``r`` Ritz vectors are then
+    exact top eigenvectors. ``2 d + 1`` products of ``Z`` or ``Z^T`` with ``b`` columns. On the
+    CPU a layer whose filter would cost more than an exact solve (:func:`filter_budget`) gets the
+    exact top-``b`` pairs instead (degree 0).
+
+    Returns (Ritz values ``[L, b]`` descending, block ``[L, k, b]``, degrees ``[L]``)."""
+    check_tensor(Z, "topr", "Z", 3, (torch.float32, torch.float64))
+    check_tensor(Q, "topr", "Q", 3, (torch.float32, torch.float64))
+    L, k, _ = Z.shape
+    b = Q.shape[-1]
+    check(Q.shape[0] == L and Q.shape[1] == k and 1 <= r <= b <= k, "topr",
+          f"Q must be [{L}, {k}, b] with {r} <= b <= {k}, got {tuple(Q.shape)}")
+    th, Q, W = _ritz(Z, Q)
+    degree = torch.zeros(L, dtype=torch.long, device=Z.device)
+    if b == k:                        # the block is the whole space: Rayleigh-Ritz is exact
+        return th, Q, degree
+    degree, need = filter_degree(th, r, INNER_DAMPING if damping is None else damping,
+                                 MAX_DEGREE if max_degree is None else max_degree, torch.finfo(Z.dtype).eps)
+    degree = degree.to(Z.device)
+    budget = filter_budget(k, Z.shape[-1], b, Z.dtype, Z.device)
+    exact = torch.zeros(L, dtype=torch.bool, device=Z.device) if budget is None else (need > budget).to(Z.device)
+    degree = torch.where(exact, 0, degree)
+    if bool(exact.all()):
+        return (*top_r_dense(Z, b), degree)
+    e = _filter_edge(th)[:, :, None]                        # [L, 1, 1]
+    half = e / 2
+    prev, cur = Q, (Z @ W - half * Q) / half                # T_0, T_1 of (M - e/2) / (e/2) on Q
+    out = cur
+    for d in range(2, int(degree.max()) + 1):
+        scale = torch.linalg.vector_norm(cur, dim=-2, keepdim=True).clamp(min=torch.finfo(Z.dtype).tiny)
+        prev, cur = prev / scale, cur / scale
+        prev, cur = cur, 2 * (Z @ t_mul(Z, cur) - half * cur) / half - prev
+        out = torch.where((degree == d)[:, None, None], cur, out)
+    th, Q, _ = _ritz(Z, _orth(out))
+    if bool(exact.any()):
+        # a filter this long would cost more than the exact solve: those layers take the top b
+        # pairs of a dense solve
+        where = exact.nonzero().squeeze(1)
+        th[where], Q[where] = top_r_dense(Z[where], b)
+    return th, Q, degree

@@ -1,0 +1,116 @@
+"""Many adapters on one layer, seed by seed: CtM's default merge against the dense pipeline
+(sum of the updates, full SVD, truncation), side by side for each seed.
+
+A speed figure that held on one seed was 20x worse on another, so every seed is its own row.
+Adapters of seed ``s``: ``g = torch.Generator().manual_seed(s)``, then every ``A_t`` and then
+every ``B_t`` drawn as ``randn * 0.02`` (float32). ``--mixed``: ranks cycling through 8, 16
+and 32 and log-normal LoRA scales (``exp(0.5 randn)``, drawn after the factors).
+
+Correctness first: at small sizes of the same kind (the many-adapter route with ``R > m``
+and the usual one with ``R < m``) CtM at tight tol must match the float64 dense reference
+(``reference.ctm``) to 1e-6, or nothing is timed. Then per seed: CtM (``ck.merge_layer``,
+``sum``, rank 16, default stop: sweeps, which test stopped, seconds) and MtC (``Bh @ Ah`` in
+one product, ``torch.linalg.svd``, truncation: seconds), and what each merged update keeps of
+the full sum (relative error against it).
+
+    python benchmarks/bench_seeds.py --T 128 --seeds 0-9                 # results/seeds_cpu.json
+    python benchmarks/bench_seeds.py --T 512 --seeds 0-4 --no-mtc --out /tmp/t512.json
+    python benchmarks/bench_seeds.py --T 96 --mixed --seeds 0-2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ctm_kernels as ck  # noqa: E402
+from ctm_kernels import reference as ref  # noqa: E402
+from benchmarks.common import header, table, write_json  # noqa: E402
+
+RANK = 16
+MIXED_RANKS = (8, 16, 32)
+
+
+def adapters(seed, m, n, T, mixed):
+    """(A list, B list, scales) of seed ``seed`` (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = [MIXED_RANKS[t % 3] if mixed else RANK for t in range(T)]
+    A = [torch.randn(r, n, generator=g) * 0.02 for r in ranks]
+    B = [torch.randn(m, r, generator=g) * 0.02 for r in ranks]
+    scales = torch.exp(0.5 * torch.randn(T, generator=g)).tolist() if mixed else [1.0] * T
+    return A, B, scales
+
+
+def check(mixed) -> list[dict]:
+    """CtM at tight tol against the float64 dense reference on small layers of the same kind."""
+    rows = []
+    for m, n, T in ((96, 80, 12), (200, 180, 6)):        # R > m (outer whitening) and R < m
+        A, B, s = adapters(1000 + m, m, n, T, mixed)
+        tight = dict(stop="subspace", tol=1e-10, max_iter=20000)
+        want = ref.ctm(ref.dense_updates(A, B, s), RANK, "sum", **tight).dW
+        got = ck.merge_layer(A, B, rank=RANK, method="sum", scales=s, **tight)
+        err = float((got.B.double() @ got.A.double() - want).norm() / want.norm())
+        rows.append({"m": m, "n": n, "T": T, "relerr_vs_reference": err})
+        if not err <= 1e-6:
+            raise SystemExit(f"{m}x{n}, T={T}: CtM is {err:.2e} from the float64 reference; not timing")
+    return rows
+
+
+def mtc_sum(A, B, s, rank):
+    """Dense pipeline: the summed update in one product, full SVD, truncation."""
+    Bh = torch.cat([b * si for b, si in zip(B, s)], 1)
+    dW = Bh @ torch.cat(A, 0)
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    return U[:, :rank] * S[:rank], Vh[:rank], dW
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--m", type=int, default=2048)
+    p.add_argument("--T", type=int, default=128)
+    p.add_argument("--seeds", default="0-9", help="a-b or a,b,c")
+    p.add_argument("--mixed", action="store_true")
+    p.add_argument("--no-mtc", action="store_true", help="CtM only (the dense side is not timed)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if "-" in a.seeds:
+        lo, hi = map(int, a.seeds.split("-"))
+        seeds = list(range(lo, hi + 1))
+    else:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    checks = check(a.mixed)
+    print(table(checks, list(checks[0])), flush=True)
+    rows = []
+    for seed in seeds:
+        A, B, s = adapters(seed, a.m, a.m, a.T, a.mixed)
+        t0 = time.perf_counter()
+        out = ck.merge_layer(A, B, rank=RANK, method="sum", scales=s)
+        ctm_s = time.perf_counter() - t0
+        row = {"seed": seed, "sweeps": out.info.iterations, "stopped_by": out.info.stopped_by, "ctm_s": ctm_s}
+        if not a.no_mtc:
+            t0 = time.perf_counter()
+            Bm, Am, dW = mtc_sum(A, B, s, RANK)
+            row["mtc_s"] = time.perf_counter() - t0
+            row["ctm_vs_mtc"] = row["mtc_s"] / ctm_s
+            norm = dW.double().norm()
+            row["ctm_err_vs_sum"] = float((dW.double() - out.B.double() @ out.A.double()).norm() / norm)
+            row["mtc_err_vs_sum"] = float((dW.double() - Bm.double() @ Am.double()).norm() / norm)
+            del dW
+        rows.append(row)
+        print(table([row], list(row)), flush=True)
+    print(table(rows, list(rows[0])))
+    name = f"seeds_m{a.m}_T{a.T}{'_mixed' if a.mixed else ''}_cpu.json"
+    path = write_json(name, {**header(), "args": vars(a), "rank": RANK, "checks": checks, "rows": rows}, a.out)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
