@@ -179,6 +179,22 @@ def test_a_growing_step_closes_the_gate_and_empties_the_history():
     assert not bool(solver.extrapolated.any())
 
 
+def test_gate_ratios_come_from_plain_sweeps_only():
+    """The gate reads the ratios of successive PLAIN steps: a sweep that started from an
+    extrapolated point leaves the ratios and the last plain step as they were; a plain one
+    rolls its ratio in. Three steady plain ratios open the gate and record the rate."""
+    A, B = _seed4_set()
+    solver = _solver(A, B, 8)
+    solver.plain_step[:] = 1e-2
+    solver.ratios[:] = math.nan
+    solver._watch_gate(torch.tensor([5e-3], dtype=torch.float64), torch.tensor([False]))
+    assert bool(torch.isnan(solver.ratios).all()) and float(solver.plain_step) == 1e-2
+    for step in (5e-3, 2.5e-3, 1.25e-3):
+        opening = solver._watch_gate(torch.tensor([step], dtype=torch.float64), torch.tensor([True]))
+    assert solver.ratios.tolist() == [[0.5, 0.5, 0.5]] and bool(opening.all()) and bool(solver.gate.all())
+    assert float(solver.rate) == 0.5
+
+
 def test_a_rejected_extrapolation_is_replaced_and_closes_the_gate():
     """The monotone check, forced: an extrapolated point whose objective falls below the plain
     image's is replaced by that image, the U half-step redone from it, and the layer's gate
