@@ -328,29 +328,34 @@ def test_partial_topk_runs_on_one_blas_thread_and_hands_failures_to_torch(monkey
         assert torch.allclose(w[1], want[0].flip(-1)[:5], equal_nan=True)
 
 
+def _in_two_threads(fn):
+    """Runs ``fn()`` in two Python threads at once; returns the exceptions they raised."""
+    import threading
+
+    errors = []
+
+    def work():
+        try:
+            fn()
+        except Exception as exc:   # noqa: BLE001 - returned to the caller
+            errors.append(exc)
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_partial_topk_from_two_threads_leaves_the_blas_thread_count_alone():
     """threadpoolctl's limit is process-wide and restores what it found: overlapping limits from
     two Python threads once left OpenBLAS on one thread for good. Solves take turns."""
-    import threading
-
     from threadpoolctl import threadpool_limits
 
     M = psd(2, 48, 48, 3)
     with threadpool_limits(2, user_api="blas"):
         before = _blas_threads()
-        errors = []
-
-        def work():
-            try:
-                for _ in range(30):
-                    eig.partial_topk(M, 4)
-            except Exception as exc:   # noqa: BLE001 - reported below
-                errors.append(exc)
-        threads = [threading.Thread(target=work) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = _in_two_threads(lambda: [eig.partial_topk(M, 4) for _ in range(30)])
         assert not errors and _blas_threads() == before
 
 
@@ -437,16 +442,5 @@ def test_partial_solves_never_overlap_from_two_threads(monkeypatch):
                 state["inside"] -= 1
     monkeypatch.setattr(scipy.linalg, "eigh", watched)
     M = psd(1, 24, 24, 5)
-    errors = []
-
-    def work():
-        try:
-            eig.partial_topk(M, 3)
-        except Exception as exc:   # noqa: BLE001 - reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _in_two_threads(lambda: eig.partial_topk(M, 3))
     assert not errors and state["entered"] == 2 and state["most"] == 1

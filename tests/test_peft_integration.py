@@ -88,6 +88,21 @@ def _lora_modules(pm):
     return {n: m for n, m in pm.base_model.model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _merged_against_summed(Net, merged, paths, x):
+    """``Net()``'s output on ``x`` with the merged adapter folder ``merged`` loaded, and with the
+    two adapters of ``paths`` added to its weights; and the PeftModel holding those two (as
+    ``"x"`` and ``"y"``)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        got = PeftModel.from_pretrained(Net(), str(merged)).eval()(x)
+        pm = PeftModel.from_pretrained(Net(), str(paths[0]), adapter_name="x")
+        pm.load_adapter(str(paths[1]), adapter_name="y")
+        base = Net()
+        for name, mod in _lora_modules(pm).items():
+            base.get_submodule(name).weight += mod.get_delta_weight("x") + mod.get_delta_weight("y")
+        return got, base(x), pm
+
+
 def _load_merged(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -246,15 +261,7 @@ def test_conv_lora_exact(tmp_path):
             paths.append(tmp_path / f"n{i}")
     assert main(["merge", *map(str, paths), "-o", str(tmp_path / "m"), "--rank", "8", "--method", "sum", "-q"]) == 0
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        got = PeftModel.from_pretrained(Net(), str(tmp_path / "m")).eval()(x)
-        pm = PeftModel.from_pretrained(Net(), str(paths[0]), adapter_name="x")
-        pm.load_adapter(str(paths[1]), adapter_name="y")
-        base = Net()
-        for name, mod in _lora_modules(pm).items():
-            base.get_submodule(name).weight += mod.get_delta_weight("x") + mod.get_delta_weight("y")
-        want = base(x)
+    got, want, _ = _merged_against_summed(Net, tmp_path / "m", paths, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -284,15 +291,9 @@ def test_conv1d_lora_round_trip_through_peft(tmp_path):
     (mm,) = res.modules
     assert (mm.kind, tuple(mm.A.shape), tuple(mm.B.shape)) == ("conv", (5, 3, 4), (6, 5, 1))
     x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    got, want, pm = _merged_against_summed(Net, tmp_path / "m", paths, x)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        got = PeftModel.from_pretrained(Net(), str(tmp_path / "m")).eval()(x)
-        pm = PeftModel.from_pretrained(Net(), str(paths[0]), adapter_name="x")
-        pm.load_adapter(str(paths[1]), adapter_name="y")
-        base = Net()
-        for name, mod in _lora_modules(pm).items():
-            base.get_submodule(name).weight += mod.get_delta_weight("x") + mod.get_delta_weight("y")
-        want = base(x)
         plain = Net()(x)
         # in memory too: the loaded Conv1d adapters merged into the model they are loaded in
         add_merged_adapter(pm, ["x", "y"], "ctm", rank=5, method="sum")

@@ -347,22 +347,31 @@ def test_config_file_errors_name_the_key(tmp_path, capsys):
 # Hub ids from a cache built here
 
 
-def test_hub_id_resolved_from_the_local_cache(tmp_path, monkeypatch):
-    commit = "0123456789abcdef0123456789abcdef01234567"
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_hub(tmp_path, monkeypatch, repo_id="someone/math-lora", example="math"):
+    """A local Hub cache (offline) holding the example adapter ``example`` as ``repo_id`` at
+    ``HUB_COMMIT``, with the working folder at ``tmp_path``; returns the cache folder."""
     cache = tmp_path / "hub"
-    repo = cache / "models--someone--math-lora"
-    snap = repo / "snapshots" / commit
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / HUB_COMMIT
     snap.mkdir(parents=True)
     for f in ("adapter_config.json", "adapter_model.safetensors"):
-        (snap / f).write_bytes((EXAMPLES / "math" / f).read_bytes())
+        (snap / f).write_bytes((EXAMPLES / example / f).read_bytes())
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
+    return cache
+
+
+def test_hub_id_resolved_from_the_local_cache(tmp_path, monkeypatch):
+    _fake_hub(tmp_path, monkeypatch)
     a = ctm_kernels.merge(["someone/math-lora", str(EXAMPLES / "code")], rank=8, method="sum")
     b = ctm_kernels.merge([str(EXAMPLES / "math"), str(EXAMPLES / "code")], rank=8, method="sum")
     for x, y in zip(a.modules, b.modules):
@@ -517,20 +526,7 @@ def test_command_line_flags_override_the_config_file(two, tmp_path):
 def test_local_folder_named_like_a_hub_id_is_read_locally(tmp_path, monkeypatch):
     """In a folder holding ``someone/lora/``, the source ``someone/lora`` is that folder, even when the
     Hugging Face cache holds a repository of the same id (another adapter)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    cache = tmp_path / "hub"
-    repo = cache / "models--someone--lora"
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        (snap / f).write_bytes((EXAMPLES / "code" / f).read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    _fake_hub(tmp_path, monkeypatch, "someone/lora", "code")
     work = tmp_path / "work"
     (work / "someone" / "lora").mkdir(parents=True)
     for f in ("adapter_config.json", "adapter_model.safetensors"):
@@ -605,21 +601,8 @@ def test_mistyped_local_paths_are_not_hub_ids(tmp_path, monkeypatch):
 
 def test_hub_inputs_recorded_as_id_at_commit(tmp_path, monkeypatch):
     """A saved config names a Hub input as org/name@commit (not the cache path), and runs again."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    cache = tmp_path / "hub"
-    repo = cache / "models--someone--math-lora"
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        (snap / f).write_bytes((EXAMPLES / "math" / f).read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.chdir(tmp_path)
+    cache = _fake_hub(tmp_path, monkeypatch)
+    commit = HUB_COMMIT
     out = tmp_path / "out"
     assert main(["merge", "someone/math-lora", str(EXAMPLES / "code"), "-o", str(out), "--rank", "8", "-q"]) == 0
     import yaml
