@@ -7,7 +7,8 @@ on (:func:`available_cpus`: its CPU affinity, capped by a cgroup CPU quota), les
 already keeping a core busy (the 1-minute load average, rounded up), at least 1, and under
 ``torchrun`` divided between the ranks of one machine. Extra threads pay
 little on a merge's small products, while oversubscribed ones cost a lot: on this project's
-shared 2-core machine two threads took up to 45x one thread's time (docs/THREADS.md).
+2-core machine two threads took 4x one thread's time beside one busy process, and up to 45x
+when it was shared more heavily (docs/THREADS.md).
 
 The merged bytes can depend on the thread count (torch's reductions split by thread), so every
 output records the count it ran with (``threads`` in its resolved config) and a re-run of that
