@@ -224,7 +224,10 @@ BLOCK_MAX_WIDTH = 32
 # against its r-th Ritz direction (1 / T_d(x), x = 2 theta_r / theta_b - 1), at most
 # MAX_DEGREE. Plain power steps (degree 1, no shift) took 82 sweeps where exact half-steps took
 # 9 (structured 512^2, T = 32, r = 16, b = 32: the 12 task-specific directions of the top 16
-# sit in a flat bulk, theta_r / theta_b near 1); degree 4 took 10.
+# sit in a flat bulk, theta_r / theta_b near 1); degree 4 took 10. The damping decides which
+# fixed point the path reaches where plain HOOI passes a saddle (64 gaussian adapters on 256^2):
+# 1e-1 ended the float64 and the float32 set at other fixed points, 1e-3 both at plain HOOI's
+# (tests/test_solver.py::test_the_saddle_set_ends_where_plain_hooi_ends).
 INNER_DAMPING = 1e-3
 MAX_DEGREE = 16
 
