@@ -317,8 +317,13 @@ def _top_r(Z, r, X0=None, expected=None):
         steps = int(taken.max()) if bool(iterative.all()) else None
     else:
         w, U = topr_op.top_r_dense(Z, r)
-    live = w > NULL_RTOL * w[:, :1].clamp(min=0)
-    return w, U * live[:, None, :], steps
+    return w, _zero_null(w, U), steps
+
+
+def _zero_null(w, U):
+    """``U [L, k, r]`` with the columns of eigen- or Ritz values ``w [L, r]`` (descending) below
+    ``NULL_RTOL`` of the largest set to zero: they span no direction of the adapters."""
+    return U * (w > NULL_RTOL * w[:, :1].clamp(min=0))[:, None, :]
 
 
 def blockwise(Rx, Y):
@@ -593,8 +598,7 @@ class _HOOISolve:
             th, Q, _ = topr_op.block_step(Z, take(self.blocks[u_side]), self.r)
             self.blocks[u_side][idx] = Q
             w = th[:, :self.r]
-            # directions the adapters do not span get zero columns, as from an exact solve
-            Uh = Q[..., :self.r] * (w > NULL_RTOL * w[:, :1].clamp(min=0))[:, None, :]
+            Uh = _zero_null(w, Q[..., :self.r])              # as from an exact solve
         obj[idx] = w.sum(-1)
         out[idx] = Uh
         return out, obj

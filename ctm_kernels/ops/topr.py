@@ -320,9 +320,8 @@ def block_step(Z, Q, r, *, damping=None, max_degree=None):
         return th, Q, degree
     degree, need = filter_degree(th, r, INNER_DAMPING if damping is None else damping,
                                  MAX_DEGREE if max_degree is None else max_degree, torch.finfo(Z.dtype).eps)
-    degree = degree.to(Z.device)
     budget = filter_budget(k, Z.shape[-1], b, Z.dtype, Z.device)
-    exact = torch.zeros(L, dtype=torch.bool, device=Z.device) if budget is None else (need > budget).to(Z.device)
+    exact = torch.zeros_like(degree, dtype=torch.bool) if budget is None else need > budget
     degree = torch.where(exact, 0, degree)
     if bool(exact.all()):
         return (*top_r_dense(Z, b), degree)
