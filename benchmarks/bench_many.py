@@ -42,7 +42,7 @@ def child(method, kind, m, T, r, threads):
     t0 = time.perf_counter()
     info = {}
     if method in ("ctm", "ctm_dense"):
-        engine.TOP_R_ROUTE = "auto" if method == "ctm" else "dense"
+        solver = engine.SolverSettings(exact_route="auto" if method == "ctm" else "dense")
         # count the top-r solves of each route (a factored solve's dense fallback counts there
         # too) and the factored steps, for the cost model (benchmarks/cost_model.py)
         solves = {}
@@ -62,7 +62,7 @@ def child(method, kind, m, T, r, threads):
             add("steps", Z, int(res[2].max()))
             return res
         topr.top_r_dense, topr.top_r_factored = counted_dense, counted_factored
-        out = ck.merge_layer(A, B, rank=r, method="ties")
+        out = ck.merge_layer(A, B, rank=r, method="ties", solver=solver)
         info = {"sweeps": out.info.iterations, "converged": out.info.converged, "solves": solves}
     elif method == "mtc_full_svd":
         ref.mtc(dense(A, B), r, "ties")
@@ -91,11 +91,10 @@ def check_routes(kind, m, T, r):
     A, B = make_adapters(kind, m, m, T, r, torch.float32, "cpu")
     out = {}
     for route in ("factored", "dense"):
-        engine.TOP_R_ROUTE = route
-        default = ck.merge_layer(A, B, rank=r, method="sum")
-        tight = ck.merge_layer(A, B, rank=r, method="sum", stop="subspace", tol=1e-9, max_iter=3000)
+        solver = engine.SolverSettings(exact_route=route)
+        default = ck.merge_layer(A, B, rank=r, method="sum", solver=solver)
+        tight = ck.merge_layer(A, B, rank=r, method="sum", stop="subspace", tol=1e-9, max_iter=3000, solver=solver)
         out[route] = (default.info.iterations, tight.B.double() @ tight.A.double())
-    engine.TOP_R_ROUTE = "auto"
     diff = ((out["factored"][1] - out["dense"][1]).norm() / out["dense"][1].norm()).item()
     return out["factored"][0], out["dense"][0], diff
 

@@ -182,8 +182,8 @@ def rtr(problem, U, V, *, gtol=1e-10, max_outer=200, max_cg=300):
 def hooi_sweeps(P, Pc, Q, Qc, T, U, V, count):
     """Plain HOOI sweeps in whitened coordinates (the engine's half-step)."""
     for _ in range(count):
-        U = engine._top_r(engine.half_step_images(P, Qc, V, T), RANK)[1]
-        V = engine._top_r(engine.half_step_images(Q, Pc, U, T), RANK)[1]
+        U = engine._top_r(engine.half_step_images(P, Qc, V, T), RANK, engine.DEFAULT_SOLVER)[1]
+        V = engine._top_r(engine.half_step_images(Q, Pc, U, T), RANK, engine.DEFAULT_SOLVER)[1]
     return U, V
 
 
@@ -227,8 +227,8 @@ def run_case(kind, m, T, a):
 
     # second order: RTR after a few plain sweeps, checked against the fixed point, then timed
     def second_order(after):
-        U = engine._hosvd(P, side_a.blocks, c, RANK)
-        V = engine._hosvd(Q, side_b.blocks, c, RANK)
+        U = engine._hosvd(P, side_a.blocks, c, RANK, engine.DEFAULT_SOLVER)
+        V = engine._hosvd(Q, side_b.blocks, c, RANK, engine.DEFAULT_SOLVER)
         U, V = hooi_sweeps(P, Pc, Q, Qc, T, U, V, after)
         return rtr(problem, U, V)
 

@@ -56,25 +56,104 @@ SOLVE_DTYPE = torch.float64
 # rounding noise of the Gram (fp64 Grams on CPU keep every real direction down to 1e-6 of
 # the largest singular value; fp32 Grams on GPU cannot resolve below ~1e-3 of it).
 WHITEN_RTOL = {torch.float64: 1e-13, torch.float32: 1e-7}
-# HOOI accelerator settings, measured as sweeps to tol=1e-4 (plain HOOI / this setting) on
-# gaussian 256^2, 2048^2, 1024^2 and structured 1024^2, 512^2, 2048^2 sets (T=8, r=16):
-# 137/22, 269/33, 349/38, 64/15, 52/16, 546/31. Depth 4 or 6, or restarting on any growth
-# of the step, lost 2-8x of that on the gaussian sets.
-ANDERSON_DEPTH = 10   # iterates kept
-RESTART_GROWTH = 2.0  # a plain step this many times the last one restarts the accelerator
-STALL_SWEEPS = 30     # sweeps in which the lowest step has not halved before a layer falls back to plain HOOI
-MONOTONE_SLACK = 1e-12   # relative rounding allowed when an extrapolation is compared with a plain image
 POLAR_EIGH_RCOND = 1e-6   # M^T M this near singular (cond(M) > 1e3) takes the SVD polar factor
-# Extrapolation only where plain HOOI already converges steadily to its fixed point: the last
-# GATE_WINDOW ratios of successive plain steps below 1 and within GATE_DRIFT * (1 - ratio) of
-# each other. On the way past a saddle the ratio drifts up by 5-10% of (1 - ratio) per sweep
-# (gaussian 256^2, T = 64: 0.73 -> 0.99 over 15 sweeps, then the steps grow), and an
-# extrapolation there ended at another fixed point (objective 33.602 against plain HOOI's 33.579).
-GATE_WINDOW = 3
-GATE_DRIFT = 0.02
-# an extrapolation may move at most TRUST times the plain iteration's predicted remaining
-# distance, step * rate / (1 - rate), beyond the plain image
-TRUST = 2.0
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """The subspace solver's tuning, declared once. Frozen: a caller (a test, a benchmark)
+    passes its own instance down (``solve_subspace(..., settings=)``, ``GroupPlan(...,
+    solver=)``, ``merge_layer(..., solver=)``); nothing patches module globals.
+
+    Anderson acceleration (measured as sweeps to tol=1e-4, plain HOOI / these settings, on
+    gaussian 256^2, 2048^2, 1024^2 and structured 1024^2, 512^2, 2048^2 sets, T=8, r=16:
+    137/22, 269/33, 349/38, 64/15, 52/16, 546/31; depth 4 or 6, or restarting on any growth
+    of the step, lost 2-8x of that on the gaussian sets):
+
+    * ``anderson_depth``: iterates kept.
+    * ``restart_growth``: a plain step this many times the last one restarts the accelerator.
+    * ``stall_sweeps``: extrapolating sweeps in which the lowest step has not halved before a
+      layer falls back to plain HOOI for good. Plain HOOI converges from anywhere (gaussian at
+      256^2 with R > m: T=64 oscillated for 3000 sweeps without this guard; T=256 crept on for
+      452-922 sweeps while a guard waited for "no new low", 264 with this one).
+    * ``monotone_slack``: relative rounding allowed when an extrapolation is compared with a
+      plain image.
+    * ``gate_window``, ``gate_drift``: extrapolation only where plain HOOI already converges
+      steadily: the last ``gate_window`` ratios of successive plain steps below 1 and within
+      ``gate_drift * (1 - ratio)`` of each other. On the way past a saddle the ratio drifts up
+      by 5-10% of (1 - ratio) per sweep (gaussian 256^2, T = 64: 0.73 -> 0.99 over 15 sweeps,
+      then the steps grow), and an extrapolation there ended at another fixed point
+      (objective 33.602 against plain HOOI's 33.579).
+    * ``trust``: an extrapolation may move at most this many times the plain iteration's
+      predicted remaining distance, ``step * rate / (1 - rate)``, beyond the plain image.
+
+    The block half-step (``ops.topr.block_step``): ``inner_damping`` and ``max_degree`` of its
+    Chebyshev filter (measurements beside ``ops.topr.INNER_DAMPING``); ``filter_budget``:
+    on the CPU, a layer whose filter would cost more than an exact dense solve takes the exact
+    one (False: always filter, the GPU's policy).
+
+    Plain HOOI's exact half-steps (``accelerate=False``): top-r eigensolves of ``M = Z Z^T``,
+    dense (``Z Z^T`` and a full eigh) or the factored block Krylov of ``ops.topr``, chosen per
+    solve by its cost model (``exact_route="auto"``; ``"dense"`` / ``"factored"`` force one,
+    the latter up to ``forced_steps``). The factored solve goes down to a dense solve's
+    accuracy, not to a share of the HOOI step: an earlier Krylov route that stopped at 1e-3 of
+    the step took 304 sweeps where the dense one took 19 (docs/DESIGN.md section 8).
+
+    * ``warm_steps`` / ``cold_steps``: factored steps a solve is expected to need from the
+      previous iterate / from seeded random vectors (the HOSVD start): from the previous HOOI
+      iterate 1-3 on gaussian sets, 5-13 on structured ones (benchmarks/bench_many.py,
+      2048^2, T = 128: 67 steps for 7 float64 solves, mean 9.6; gap lambda_16 / lambda_17 =
+      1.004-1.007), 14 from random vectors (benchmarks/bench_topr.py). A solve goes factored
+      when the cost model affords at least these many steps, and turns dense as soon as its
+      residuals' rate predicts more further steps than a dense solve costs (or after three
+      times that many). With 3 here, structured 2048^2 at T = 512 paid 3 steps before
+      turning dense in 7 of 9 half-steps.
+    * ``hint_solves``: a side's own step count replaces ``warm_steps`` after this many
+      factored half-steps in a row (a single quick solve sent later ones factored, which then
+      needed 5-13 steps and turned dense after 3: about 1.4 s lost at 2048^2, T = 512).
+    * ``factored_guard``: extra columns of the factored solver's block."""
+    anderson_depth: int = 10
+    restart_growth: float = 2.0
+    stall_sweeps: int = 30
+    monotone_slack: float = 1e-12
+    gate_window: int = 3
+    gate_drift: float = 0.02
+    trust: float = 2.0
+    inner_damping: float = topr_op.INNER_DAMPING
+    max_degree: int = topr_op.MAX_DEGREE
+    filter_budget: bool = True
+    exact_route: str = "auto"
+    warm_steps: int = 10
+    cold_steps: int = 16
+    hint_solves: int = 2
+    forced_steps: int = 500
+    factored_guard: int = topr_op.GUARD
+
+    def __post_init__(self):
+        counts = ("anderson_depth", "stall_sweeps", "gate_window", "max_degree", "warm_steps", "cold_steps",
+                  "hint_solves", "forced_steps")
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SolverSettings.{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.factored_guard, bool) or not isinstance(self.factored_guard, int) or self.factored_guard < 0:
+            raise ValueError(f"SolverSettings.factored_guard must be an int >= 0, got {self.factored_guard!r}")
+        for name in ("restart_growth", "trust"):
+            if not getattr(self, name) > 1:
+                raise ValueError(f"SolverSettings.{name} must be > 1, got {getattr(self, name)!r}")
+        for name in ("monotone_slack", "gate_drift"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"SolverSettings.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.inner_damping < 1:
+            raise ValueError(f"SolverSettings.inner_damping must be in (0, 1), got {self.inner_damping!r}")
+        if self.exact_route not in ("auto", "dense", "factored"):
+            raise ValueError(f"SolverSettings.exact_route must be 'auto', 'dense' or 'factored', "
+                             f"got {self.exact_route!r}")
+        if not isinstance(self.filter_budget, bool):
+            raise ValueError(f"SolverSettings.filter_budget must be a bool, got {self.filter_budget!r}")
+
+
+DEFAULT_SOLVER = SolverSettings()
 
 
 @dataclass
@@ -171,7 +250,7 @@ def check_layer(A, B, scales=None, weights=None, *, rank=None, layer=None):
     return m, n, ranks, s, w
 
 
-def check_solver(stop, tol, max_iter, beta):
+def check_solver(stop, tol, max_iter, beta, solver=None):
     if stop not in STOP_TESTS:
         raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
     if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool)
@@ -181,6 +260,8 @@ def check_solver(stop, tol, max_iter, beta):
         raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
     if not (0.0 <= float(beta) <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if solver is not None and not isinstance(solver, SolverSettings):
+        raise ValueError(f"solver must be a SolverSettings (or None), got {type(solver).__name__}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,44 +356,25 @@ def _whiten_outer(F, T, rtol):
     return _Side(F, _PseudoInverse(F, Wd), Fb.mT @ Fb, None)
 
 
-# Top-r eigensolves of M = Z Z^T ([L, k, k]): dense (Z Z^T and a full eigh) or the factored
-# block Krylov of ops/topr.py, chosen per solve by the cost model of ops/topr.py (constants
-# measured on this CPU; see WARM_STEPS below). The factored solve goes down to a dense
-# solve's accuracy, not to a share of the HOOI step: an earlier Krylov route that stopped at
-# 1e-3 of the step took 304 sweeps where the dense one took 19 (docs/DESIGN.md section 8).
-TOP_R_ROUTE = "auto"        # or "dense" / "factored" (the latter up to FORCED_STEPS): tests, benchmarks
-# Factored steps a solve is expected to need: from the previous HOOI iterate 1-3 on gaussian
-# sets, 5-13 on structured ones (benchmarks/bench_many.py, 2048^2, T = 128: 67 steps for 7
-# float64 solves, mean 9.6; their gap lambda_16 / lambda_17 is 1.004-1.007), from seeded
-# random vectors (the HOSVD init) 14 (benchmarks/bench_topr.py). A solve goes factored when
-# the cost model affords at least these many steps, and turns dense as soon as its residuals'
-# measured rate predicts more further steps than a dense solve costs (or after three times
-# that many). With 3 here, structured 2048^2 at T = 512 (a dense solve = 5 float64 steps of
-# the solver of that time) paid 3 steps before turning dense in 7 of 9 half-steps.
-WARM_STEPS = 10
-COLD_STEPS = 16
-# a side's own step count replaces WARM_STEPS after this many factored half-steps in a row: a
-# structured set's single float32 half-step (1 step) sent its float64 ones factored, which need
-# 5-13 steps and turned dense after 3 (about 1.4 s lost at 2048^2, T = 512)
-HINT_SOLVES = 2
-FORCED_STEPS = 500
-
-
-def _top_r(Z, r, X0=None, expected=None):
+def _top_r(Z, r, settings, X0=None, expected=None):
     """Top-``r`` eigenpairs of ``Z Z^T`` for ``Z [L, k, p]`` -> (``[L, r]`` descending,
     ``[L, k, r]`` with null columns zeroed, the factored steps the solve took: an int, None
     where it was (or ended) dense); ``X0 [L, k, r]``: a warm start for the factored route
     (seeded random without); ``expected``: the steps the caller expects it to need (default
-    WARM_STEPS / COLD_STEPS). Both routes solve to rounding."""
+    ``settings.warm_steps`` / ``cold_steps``). Both routes solve to rounding; the route is
+    ``settings.exact_route`` (:class:`SolverSettings`)."""
     L, k, p = Z.shape
+    guard = settings.factored_guard
     budget = int(topr_op.dense_seconds(k, p, Z.dtype) /
-                 topr_op.factored_step_seconds(k, p, min(k, r + topr_op.GUARD), topr_op.DEPTH, Z.dtype))
+                 topr_op.factored_step_seconds(k, p, min(k, r + guard), topr_op.DEPTH, Z.dtype))
     if expected is None:
-        expected = WARM_STEPS if X0 is not None else COLD_STEPS
+        expected = settings.warm_steps if X0 is not None else settings.cold_steps
     steps = None
-    if TOP_R_ROUTE == "factored" or (TOP_R_ROUTE == "auto" and budget >= expected):
-        forced = TOP_R_ROUTE == "factored"
-        w, U, taken, iterative = topr_op.top_r_factored(Z, r, X0, max_steps=FORCED_STEPS if forced else 3 * budget,
+    route = settings.exact_route
+    if route == "factored" or (route == "auto" and budget >= expected):
+        forced = route == "factored"
+        w, U, taken, iterative = topr_op.top_r_factored(Z, r, X0, guard=guard,
+                                                        max_steps=settings.forced_steps if forced else 3 * budget,
                                                         dense_steps=None if forced else budget)
         steps = int(taken.max()) if bool(iterative.all()) else None
     else:
@@ -360,7 +422,7 @@ def half_step_objective(Rx, Ry, V, U, T):
     return adapter_energies(Rx, Ry, V, U, T).sum(-1)
 
 
-def _hosvd(Rx, blocks_other, c, rank, block=False):
+def _hosvd(Rx, blocks_other, c, rank, settings, block=False):
     """HOSVD init: top eigenvectors of ``sum_t c_t^2 B_t (A_t A_t^T) B_t^T`` in whitened
     coordinates, ``Rx blockdiag(c_t^2 G_other[t, t]) Rx^T = Z Z^T`` with
     ``Z = [Rx_t c_t S_t]_t``, ``S_t`` the symmetric square root of ``G_other[t, t]``.
@@ -368,7 +430,7 @@ def _hosvd(Rx, blocks_other, c, rank, block=False):
     lam, Q = torch.linalg.eigh(blocks_other)                     # [L, T, rb], [L, T, rb, rb]
     root = (Q * lam.clamp(min=0).sqrt()[..., None, :]) @ Q.mT * c[:, :, None, None]
     Z = blockwise(Rx, root)                                      # [L, k, R]
-    U = _top_r(Z, rank)[1]        # a factored solve starts from seeded random vectors
+    U = _top_r(Z, rank, settings)[1]        # a factored solve starts from seeded random vectors
     # Householder QR completes zeroed (null) columns to an orthonormal block, keeping the others
     return _orthonormal(U) if block else U
 
@@ -421,10 +483,10 @@ class _Anderson:
     in the frame of the newest image ``g`` (orthogonal Procrustes, ``r x r`` polar factors).
     A fixed frame (the first iterate) degrades as the iterates move away from it: 2048^2,
     T=8, r=16 gaussian adapters took 262 sweeps with it, 58 with the moving frame (plain
-    HOOI: 269). Safeguarded: a layer whose plain step grew by more than ``RESTART_GROWTH``
+    HOOI: 269). Safeguarded: a layer whose plain step grew by more than ``restart_growth``
     restarts from its plain iterate with an empty history, as does a wild extrapolation."""
 
-    def __init__(self, depth=ANDERSON_DEPTH):
+    def __init__(self, depth):
         self.depth = depth
         self.xs, self.gs = [], []
         self.age = None
@@ -510,79 +572,44 @@ class Subspace:
     objective: list[float]   # per layer: sum_t c_t^2 ||U^T dW_t V||^2 at the answer
 
 
-class _HOOISolve:
-    """The batched HOOI iteration of one group, as a state with named phases.
+class _HalfSteps:
+    """The half-steps of one group: its operands (the whitened factors, with and without the
+    subspace weights) and the state that carries from one half-step of a side to the next.
 
-    One :meth:`sweep` from the current point ``x`` (a V basis, ``[L, ka, r]``):
+    With acceleration (the block route) each side carries a block of ``b`` orthonormal
+    columns, started from the top-b HOSVD vectors (one exact solve per layer and side), and a
+    half-step is one :func:`ops.topr.block_step` on it. Without, a half-step is an exact top-r
+    solve (:meth:`_exact_top_r`) and a side carries only the factored steps its last solves
+    took, a hint for the next one."""
 
-    1. ``_half(u_side=True)``: ``U1`` = top-r eigenvectors for ``x``, and the objective
-       ``F(x) = f(U1, x)``;
-    2. ``_monotone``: an extrapolated ``x`` is kept only if ``F(x)`` is at least the objective of
-       the plain image it replaces; otherwise the layer takes that image and the U half-step
-       is redone from it (and its extrapolation history is dropped);
-    3. ``_half(u_side=False)``: ``V1`` and the objective ``f(U1, V1)``;
-    4. ``_guards``, ``_watch_gate``: the stall guard and the extrapolation gate, from the
-       plain step of this sweep;
-    5. the stop test of the layer: ``subspace`` (that step) or ``energy``
-       (``_energy_converged``);
-    6. ``_next_point``: the plain image ``V1`` or the Anderson extrapolation from it.
-
-    Everything is float64. With acceleration a half-step is one block step
-    (``ops.topr.block_step``) on the block its side carries; without, an exact top-r solve.
-    The answer is always a plain image pair ``(U1, V1)``, never an extrapolated point."""
-
-    def __init__(self, side_b, side_a, c, T, rank, *, stop, tol, accelerate):
-        Rb, Ra, c = side_b.Rf, side_a.Rf, c.to(SOLVE_DTYPE)
-        L, _, R = Rb.shape
-        self.L, self.T, self.r = L, T, min(rank, R)
+    def __init__(self, side_b, side_a, c, T, r, *, block, settings):
+        Rb, Ra = side_b.Rf, side_a.Rf
+        R = Rb.shape[-1]
         cc = c.repeat_interleave(R // T, dim=1)[:, None, :]       # [L, 1, R]
         self.ops = {"b": Rb, "a": Ra, "bc": Rb * cc, "ac": Ra * cc}
-        # per side, (steps, solves): the factored steps a warm-started half-step is expected to
-        # need, one more than the last factored solve of that side took, trusted once that side
-        # has had HINT_SOLVES of them in a row (WARM_STEPS until then; never again factored once
-        # one has ended dense). On flat spectra the iterates move little and a warm solve takes
-        # 1-2 steps, where WARM_STEPS kept the float64 half-steps of gaussian 2048^2, T = 512
-        # dense (a dense solve costs 8 factored steps there)
+        self.T, self.r, self.L = T, r, Rb.shape[0]
+        self.settings = settings
+        # per side, (steps, solves): the factored steps a warm-started exact half-step is
+        # expected to need, one more than the last factored solve of that side took, trusted
+        # once that side has had ``hint_solves`` of them in a row (``warm_steps`` until then;
+        # never again factored once one has ended dense). On flat spectra the iterates move
+        # little and a warm solve takes 1-2 steps, where ``warm_steps`` kept the float64
+        # half-steps of gaussian 2048^2, T = 512 dense (a dense solve costs 8 factored steps there)
         self.expected_steps = {}
-        self.stop, self.tol, self.accelerate = stop, tol, accelerate
-        dev = Rb.device
-        if accelerate:
-            # the block route: each side carries b orthonormal columns from half-step to
-            # half-step, started from the top-b HOSVD vectors (one exact solve per layer and side)
-            self.blocks = {True: _hosvd(Rb, side_a.blocks, c, topr_op.block_width(Rb.shape[1], self.r), block=True),
-                           False: _hosvd(Ra, side_b.blocks, c, topr_op.block_width(Ra.shape[1], self.r), block=True)}
-            # copies: the blocks are updated in place, the iterates must not move with them
-            self.U, self.V = (self.blocks[side][..., :self.r].clone() for side in (True, False))
+        if block:
+            # each side's block is updated in place from half-step to half-step
+            self.blocks = {True: _hosvd(Rb, side_a.blocks, c, topr_op.block_width(Rb.shape[1], r), settings,
+                                        block=True),
+                           False: _hosvd(Ra, side_b.blocks, c, topr_op.block_width(Ra.shape[1], r), settings,
+                                         block=True)}
+            # the HOSVD start: the blocks' leading r columns (copies: the blocks move in place,
+            # the iterates must not move with them)
+            self.start = tuple(self.blocks[side][..., :r].clone() for side in (True, False))
         else:
             self.blocks = None
-            self.U = _hosvd(Rb, side_a.blocks, c, self.r)
-            self.V = _hosvd(Ra, side_b.blocks, c, self.r)
-        self.x = self.V
-        self.f = torch.full((L,), -math.inf, dtype=SOLVE_DTYPE, device=dev)    # f(U, V) of the images
-        self.extrapolated = torch.zeros(L, dtype=torch.bool, device=dev)
-        self.iters = torch.zeros(L, dtype=torch.long, device=dev)
-        self.done = torch.zeros(L, dtype=torch.bool, device=dev)
-        self.stopped_by = ["max_iter"] * L
-        self.steps = torch.full((L,), math.inf, dtype=SOLVE_DTYPE, device=dev)
-        # the energy test: relative objective gains and the signed relative changes of the
-        # total energy kept over the last sweeps (newest last), and that total
-        self.gains = torch.full((L, ENERGY_WINDOW), math.nan, dtype=SOLVE_DTYPE, device=dev)
-        self.moves = self.gains.clone()
-        self.kept = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)
-        self.nu2 = (side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0)          # [L, T]
-        self.best = self.steps.clone()
-        self.mark = self.steps.clone()                            # best step when it last halved
-        self.slow = torch.zeros(L, dtype=torch.long, device=dev)  # sweeps since then
-        self.plain_only = torch.zeros(L, dtype=torch.bool, device=dev)
-        self.acc = _Anderson() if accelerate else None
-        # the extrapolation gate: ratios of successive plain steps, newest last
-        self.ratios = torch.full((L, GATE_WINDOW), math.nan, dtype=SOLVE_DTYPE, device=dev)
-        self.plain_step = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)
-        self.gate = torch.zeros(L, dtype=torch.bool, device=dev)
-        self.rate = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)   # plain contraction at opening
+            self.start = (_hosvd(Rb, side_a.blocks, c, r, settings), _hosvd(Ra, side_b.blocks, c, r, settings))
 
-    # -- phase: one half-step ------------------------------------------------------------
-    def _half(self, u_side, Vin, X0, mask):
+    def __call__(self, u_side, Vin, X0, mask):
         """Half-step of the layers in ``mask``; the others keep ``X0``. Returns the new basis
         ``[L, k, r]`` (null columns zero) and, per layer, the objective ``f`` of the new basis
         paired with ``Vin`` (the sum of its top-r Ritz values or eigenvalues)."""
@@ -595,7 +622,9 @@ class _HOOISolve:
         if self.blocks is None:
             w, Uh = self._exact_top_r(u_side, Z, take(X0))
         else:
-            th, Q, _ = topr_op.block_step(Z, take(self.blocks[u_side]), self.r)
+            s = self.settings
+            th, Q, _ = topr_op.block_step(Z, take(self.blocks[u_side]), self.r, damping=s.inner_damping,
+                                          max_degree=s.max_degree, budget="auto" if s.filter_budget else None)
             self.blocks[u_side][idx] = Q
             w = th[:, :self.r]
             Uh = _zero_null(w, Q[..., :self.r])              # as from an exact solve
@@ -604,82 +633,197 @@ class _HOOISolve:
         return out, obj
 
     def _exact_top_r(self, u_side, Z, X0):
-        """The exact half-step of plain HOOI (``accelerate=False``): top-r eigenpairs of ``Z Z^T``
-        to rounding, dense or factored (:func:`_top_r`), warm-started from ``X0``."""
-        w, Uh, steps = _top_r(Z, self.r, X0, self._expected(u_side))
-        if steps is not None:
-            self.expected_steps[u_side] = (steps + 1, self.expected_steps.get(u_side, (0, 0))[1] + 1)
+        """The exact half-step of plain HOOI: top-r eigenpairs of ``Z Z^T`` to rounding, dense
+        or factored (:func:`_top_r`), warm-started from ``X0``."""
+        steps, solves = self.expected_steps.get(u_side, (None, 0))
+        expected = steps if solves >= self.settings.hint_solves else None
+        w, Uh, taken = _top_r(Z, self.r, self.settings, X0, expected)
+        if taken is not None:
+            self.expected_steps[u_side] = (taken + 1, solves + 1)
         elif u_side in self.expected_steps:     # a factored solve that ended dense: stay dense
             self.expected_steps[u_side] = (math.inf, math.inf)
         return w, Uh
 
-    def _expected(self, u_side):
-        steps, solves = self.expected_steps.get(u_side, (None, 0))
-        return steps if solves >= HINT_SOLVES else None
 
-    # -- phase: keep an extrapolation only if it does at least as well as the plain image ---
-    def _monotone(self, U1, fa, active):
-        reject = active & self.extrapolated & (fa < self.f - MONOTONE_SLACK * self.f.abs())
-        if bool(reject.any()):
-            self.x = torch.where(reject[:, None, None], self.V, self.x)
-            U1r, far = self._half(True, self.x, U1, reject)
-            U1 = torch.where(reject[:, None, None], U1r, U1)
-            fa = torch.where(reject, far, fa)
-            self.extrapolated &= ~reject
-            self._close_gate(reject)
-        return U1, fa
+class _EnergyTest:
+    """The energy stop test (``stop="energy"``): by :func:`reference.energy_left`, the objective
+    has less than ``tol`` (relative) left to gain and the total energy kept ``sum_t kept_t
+    ||dW_t||^2 / sum_t ||dW_t||^2`` will move by less than ``tol`` (relative). The objective
+    alone is not enough where the subspace weights differ from 1 (beta < 1 with adapters of
+    different norms): it is stationary at the fixed point, the unweighted total is not, and at
+    an objective within 1e-6 the total energy kept was 2e-4 from the converged one on such
+    sets. Each adapter's own energy kept is not followed: on flat spectra the adapters trade
+    energy back and forth while the total has settled (gaussian 2048^2, T=8: 72 sweeps against
+    43 for the total, both within 1e-6 of the converged total).
 
-    # -- phase: the extrapolation gate ---------------------------------------------------
-    def _close_gate(self, mask):
-        """Layers in ``mask`` drop their extrapolation history and go back to plain sweeps
-        until these converge steadily again."""
-        self.gate &= ~mask
-        self.ratios = torch.where(mask[:, None], math.nan, self.ratios)
-        self.plain_step = torch.where(mask, math.nan, self.plain_step)
-        self.acc.forget(mask)
+    Holds, per layer, the relative objective gains and the signed relative changes of the total
+    energy kept over the last ``ENERGY_WINDOW`` sweeps (newest last) and that total."""
 
-    def _watch_gate(self, step, plain):
-        """Open the gate of layers whose plain steps (``plain [L]``: this sweep started from
-        a plain image) shrink at a steady rate (GATE_WINDOW, GATE_DRIFT)."""
-        ratio = step / self.plain_step
-        self.ratios = torch.where(plain[:, None], torch.cat([self.ratios[:, 1:], ratio[:, None]], 1), self.ratios)
-        self.plain_step = torch.where(plain, step, self.plain_step)
-        q = self.ratios
-        last = q[:, -1]
-        steady = ~torch.isnan(q).any(-1) & (q.amax(-1) < 1) & (q.amax(-1) - q.amin(-1) <= GATE_DRIFT * (1 - last))
-        opening = steady & ~self.gate
-        self.rate = torch.where(opening, last, self.rate)
-        self.gate |= steady
-        return opening
+    def __init__(self, nu2, tol):
+        L, dev = nu2.shape[0], nu2.device
+        self.nu2, self.tol = nu2, tol                               # [L, T]: ||dW_t||^2 (weighted by c_t = 1)
+        self.gains = torch.full((L, ENERGY_WINDOW), math.nan, dtype=SOLVE_DTYPE, device=dev)
+        self.moves = self.gains.clone()
+        self.kept = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)
 
-    # -- phase: the stop tests -----------------------------------------------------------
-    def _energy_converged(self, fb, U1, V1, active):
-        """Energy test: by :func:`reference.energy_left`, the objective has less than ``tol``
-        (relative) left to gain and the total energy kept ``sum_t kept_t ||dW_t||^2 /
-        sum_t ||dW_t||^2`` will move by less than ``tol`` (relative). The objective alone is not
-        enough where the subspace weights differ from 1 (beta < 1 with adapters of different
-        norms): it is stationary at the fixed point, the unweighted total is not, and at an
-        objective within 1e-6 the total energy kept was 2e-4 from the converged one on such
-        sets. Each adapter's own energy kept is not followed: on flat spectra the adapters
-        trade energy back and forth while the total has settled (gaussian 2048^2, T=8: 72
-        sweeps against 43 for the total, both within 1e-6 of the converged total)."""
-        gain = ((fb - self.f) / fb.abs().clamp(min=1e-300)).clamp(min=0)
-        energies = _on(active, lambda Rb, Ra, V, U: adapter_energies(Rb, Ra, V, U, self.T),
-                       self.ops["b"], self.ops["a"], V1, U1)                          # [L, T]
+    def passes(self, f_old, f_new, half, U1, V1, active):
+        """``[L]``: the layers in ``active`` whose objective went from ``f_old`` to ``f_new`` in
+        this sweep, at the images ``(U1, V1)``, and that pass the test (``half``: the
+        half-steps, whose operands give each adapter's energy)."""
+        gain = ((f_new - f_old) / f_new.abs().clamp(min=1e-300)).clamp(min=0)
+        energies = _on(active, lambda Rb, Ra, V, U: adapter_energies(Rb, Ra, V, U, half.T),
+                       half.ops["b"], half.ops["a"], V1, U1)                          # [L, T]
         kept = energies.sum(-1) / self.nu2.sum(-1).clamp(min=1e-300)
         move = (kept - self.kept) / kept.clamp(min=1e-300)
         roll = lambda H, x: torch.where(active[:, None], torch.cat([H[:, 1:], x[:, None]], 1), H)   # noqa: E731
         self.gains, self.moves = roll(self.gains, gain), roll(self.moves, move)
         self.kept = torch.where(active, kept, self.kept)
-        return torch.maximum(energy_left(self.gains), energy_left(self.moves)) <= self.tol
+        return active & (torch.maximum(energy_left(self.gains), energy_left(self.moves)) <= self.tol)
+
+
+class _Acceleration:
+    """Anderson acceleration of the sweep map with its safeguards, per layer:
+
+    * the extrapolation gate (``gate``): extrapolate only while plain HOOI converges steadily
+      (``ratios`` of successive plain steps, newest last, the last ``plain_step`` and the
+      plain contraction ``rate`` at the gate's opening);
+    * the stall guard: the lowest step so far (``best``), that step when it last halved
+      (``mark``) and the extrapolating sweeps since (``slow``); a layer past
+      ``stall_sweeps`` runs plain sweeps for good (``plain_only``);
+    * ``extrapolated``: whether the current point is an extrapolation (else a plain image)."""
+
+    def __init__(self, L, device, settings):
+        self.s = settings
+        self.anderson = _Anderson(settings.anderson_depth)
+        self.extrapolated = torch.zeros(L, dtype=torch.bool, device=device)
+        self.ratios = torch.full((L, settings.gate_window), math.nan, dtype=SOLVE_DTYPE, device=device)
+        self.plain_step = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=device)
+        self.gate = torch.zeros(L, dtype=torch.bool, device=device)
+        self.rate = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=device)
+        self.best = torch.full((L,), math.inf, dtype=SOLVE_DTYPE, device=device)
+        self.mark = self.best.clone()
+        self.slow = torch.zeros(L, dtype=torch.long, device=device)
+        self.plain_only = torch.zeros(L, dtype=torch.bool, device=device)
+
+    def reject(self, fa, f, active):
+        """``[L]``: active layers whose extrapolated point's objective ``fa`` fell below the
+        objective ``f`` of the plain image it replaced (beyond ``monotone_slack``). They drop
+        their extrapolation and its history; the caller restarts them from that image."""
+        bad = active & self.extrapolated & (fa < f - self.s.monotone_slack * f.abs())
+        self.extrapolated &= ~bad
+        self.close_gate(bad)
+        return bad
+
+    def close_gate(self, mask):
+        """Layers in ``mask`` drop their extrapolation history and go back to plain sweeps
+        until these converge steadily again."""
+        self.gate &= ~mask
+        self.ratios = torch.where(mask[:, None], math.nan, self.ratios)
+        self.plain_step = torch.where(mask, math.nan, self.plain_step)
+        self.anderson.forget(mask)
+
+    def watch_gate(self, step, plain):
+        """Open the gate of layers whose plain steps (``plain [L]``: this sweep started from
+        a plain image) shrink at a steady rate (``gate_window``, ``gate_drift``); returns the
+        layers whose gate opens now."""
+        ratio = step / self.plain_step
+        self.ratios = torch.where(plain[:, None], torch.cat([self.ratios[:, 1:], ratio[:, None]], 1), self.ratios)
+        self.plain_step = torch.where(plain, step, self.plain_step)
+        q = self.ratios
+        last = q[:, -1]
+        steady = ~torch.isnan(q).any(-1) & (q.amax(-1) < 1) & (q.amax(-1) - q.amin(-1) <= self.s.gate_drift * (1 - last))
+        opening = steady & ~self.gate
+        self.rate = torch.where(opening, last, self.rate)
+        self.gate |= steady
+        return opening
+
+    def after_sweep(self, step, grew, from_plain, active):
+        """The safeguards on this sweep's plain ``step [L]``: the stall guard, a shut gate
+        where the step grew past ``restart_growth`` (``grew``) or the layer runs plain sweeps
+        for good, then the gate watch. Returns the layers whose gate opens now."""
+        self.best = torch.where(step < self.best, step, self.best)
+        halved = self.best <= self.mark / 2
+        self.mark = torch.where(halved, self.best, self.mark)
+        # only extrapolating sweeps count: a layer whose gate is closed runs plain sweeps anyway
+        self.slow = torch.where(halved | ~self.gate, 0, self.slow + 1)
+        self.plain_only |= self.slow >= self.s.stall_sweeps
+        self.close_gate(active & (grew | self.plain_only))
+        return self.watch_gate(step, from_plain)
+
+    def next_point(self, x, V, steps, done, opening):
+        """The point the next sweep starts from: the Anderson extrapolation from the plain
+        image ``V`` where the gate is open and the extrapolation stays within ``trust`` times
+        the plain iteration's predicted remaining distance, ``V`` elsewhere (still recorded
+        in the history)."""
+        self.anderson.keep_last(opening, self.s.gate_window + 1)          # history of the steady run only
+        nxt, extrapolated = self.anderson.step(x, V, hold=~self.gate, skip=done)
+        reach = self.s.trust * steps * self.rate / (1 - self.rate)
+        extrapolated &= _on(extrapolated, sin_angle, V, nxt) <= reach
+        self.extrapolated = extrapolated
+        return torch.where(extrapolated[:, None, None], nxt, V)
+
+
+class _HOOISolve:
+    """The batched HOOI iteration of one group. Its per-layer state lives in named parts:
+
+    * the iterate: the plain images ``U [L, kb, r]``, ``V [L, ka, r]`` and their objective
+      ``f [L]``, the point ``x`` the next sweep starts from (``V`` or an extrapolation of it),
+      sweeps taken (``iters``), the last plain step (``steps``), ``done`` and ``stopped_by``;
+    * ``half`` (:class:`_HalfSteps`): the operands and what a side carries between half-steps;
+    * ``energy`` (:class:`_EnergyTest`): the energy stop test's history;
+    * ``acc`` (:class:`_Acceleration`, None without acceleration): the accelerator and its
+      safeguards.
+
+    One :meth:`sweep` from ``x``:
+
+    1. U half-step: ``U1`` = top-r eigenvectors for ``x``, and the objective ``F(x) = f(U1, x)``;
+    2. an extrapolated ``x`` is kept only if ``F(x)`` is at least the objective of the plain
+       image it replaces; otherwise the layer takes that image and the U half-step is redone
+       from it (and its extrapolation history is dropped);
+    3. V half-step: ``V1`` and the objective ``f(U1, V1)``;
+    4. the safeguards of the accelerator, from the plain step of this sweep;
+    5. the stop test of the layer: ``subspace`` (that step) or ``energy``;
+    6. the next point: the plain image ``V1`` or the Anderson extrapolation from it.
+
+    Everything is float64. The answer is always a plain image pair ``(U1, V1)``, never an
+    extrapolated point."""
+
+    def __init__(self, side_b, side_a, c, T, rank, *, stop, tol, accelerate, settings=DEFAULT_SOLVER):
+        c = c.to(SOLVE_DTYPE)
+        L, _, R = side_b.Rf.shape
+        dev = side_b.Rf.device
+        self.L, self.T, self.r = L, T, min(rank, R)
+        self.stop, self.tol, self.accelerate = stop, tol, accelerate
+        self.half = _HalfSteps(side_b, side_a, c, T, self.r, block=accelerate, settings=settings)
+        self.U, self.V = self.half.start
+        self.x = self.V
+        self.f = torch.full((L,), -math.inf, dtype=SOLVE_DTYPE, device=dev)
+        self.iters = torch.zeros(L, dtype=torch.long, device=dev)
+        self.done = torch.zeros(L, dtype=torch.bool, device=dev)
+        self.stopped_by = ["max_iter"] * L
+        self.steps = torch.full((L,), math.inf, dtype=SOLVE_DTYPE, device=dev)
+        self.energy = _EnergyTest((side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0), tol)
+        self.acc = _Acceleration(L, dev, settings) if accelerate else None
+        self.settings = settings
+
+    def _monotone(self, U1, fa, active):
+        """Step 2 of a sweep: the layers whose extrapolation did worse than the plain image go
+        back to that image and redo their U half-step."""
+        reject = self.acc.reject(fa, self.f, active)
+        if bool(reject.any()):
+            self.x = torch.where(reject[:, None, None], self.V, self.x)
+            U1r, far = self.half(True, self.x, U1, reject)
+            U1 = torch.where(reject[:, None, None], U1r, U1)
+            fa = torch.where(reject, far, fa)
+        return U1, fa
 
     def sweep(self):
         active = ~self.done
-        U1, fa = self._half(True, self.x, self.U, active)
+        U1, fa = self.half(True, self.x, self.U, active)
         if self.accelerate:
             U1, fa = self._monotone(U1, fa, active)
-        from_plain = active & ~self.extrapolated
-        V1, fb = self._half(False, U1, self.V, active)
+            from_plain = active & ~self.acc.extrapolated
+        V1, fb = self.half(False, U1, self.V, active)
         step_v = _on(active, sin_angle, self.x, V1)
         if self.accelerate:
             # U's step is the plain HOOI one from the current point, V1 -> U(V1); it is only
@@ -688,56 +832,26 @@ class _HOOISolve:
             if self.stop == "subspace":
                 check = active & (step_v <= self.tol)
                 if bool(check.any()):
-                    U2, _ = self._half(True, V1, U1, check)
+                    U2, _ = self.half(True, V1, U1, check)
                     step = torch.where(check, torch.maximum(step_v, _on(check, sin_angle, U1, U2)), step_v)
         else:
             step = torch.maximum(_on(active, sin_angle, self.U, U1), step_v)
         self.iters += active.long()
-        grew = step > RESTART_GROWTH * self.steps
+        grew = step > self.settings.restart_growth * self.steps
         self.steps = torch.where(active, step, self.steps)
-        self._guards(step)
         if self.accelerate:
-            self._close_gate(active & (grew | self.plain_only))
-            opening = self._watch_gate(step, from_plain)
+            opening = self.acc.after_sweep(step, grew, from_plain, active)
         if self.stop == "subspace":
             stop_now = active & (step <= self.tol)
         else:
-            stop_now = active & self._energy_converged(fb, U1, V1, active)
+            stop_now = self.energy.passes(self.f, fb, self.half, U1, V1, active)
         self.f = torch.where(active, fb, self.f)
         self.U = torch.where(active[:, None, None], U1, self.U)
         self.V = torch.where(active[:, None, None], V1, self.V)
         for l in stop_now.nonzero().squeeze(1).tolist():
             self.stopped_by[l] = self.stop
         self.done |= stop_now
-        if self.accelerate:
-            self._next_point(opening)
-        else:
-            self.x = self.V
-
-    def _guards(self, step):
-        """Stall guard: a layer whose lowest step has not halved for STALL_SWEEPS extrapolating
-        sweeps continues with plain sweeps."""
-        self.best = torch.where(step < self.best, step, self.best)
-        halved = self.best <= self.mark / 2
-        self.mark = torch.where(halved, self.best, self.mark)
-        # only extrapolating sweeps count: a layer whose gate is closed runs plain sweeps anyway
-        self.slow = torch.where(halved | ~self.gate, 0, self.slow + 1)
-        # plain HOOI converges from anywhere (measured, gaussian at 256^2 with R > m: T=64
-        # oscillated for 3000 sweeps without a guard; T=256 crept on for 452-922 sweeps while
-        # the guard waited for "no new low", 264 with this one)
-        self.plain_only |= self.slow >= STALL_SWEEPS
-
-    # -- phase: the next point -----------------------------------------------------------
-    def _next_point(self, opening):
-        """Anderson extrapolation from the plain image where the gate is open and the
-        extrapolation stays within TRUST times the plain iteration's predicted remaining
-        distance; the plain image elsewhere (still recorded in the history)."""
-        self.acc.keep_last(opening, GATE_WINDOW + 1)          # history of the steady run only
-        nxt, extrapolated = self.acc.step(self.x, self.V, hold=~self.gate, skip=self.done)
-        reach = TRUST * self.steps * self.rate / (1 - self.rate)
-        extrapolated &= _on(extrapolated, sin_angle, self.V, nxt) <= reach
-        self.x = torch.where(extrapolated[:, None, None], nxt, self.V)
-        self.extrapolated = extrapolated
+        self.x = self.acc.next_point(self.x, self.V, self.steps, self.done, opening) if self.accelerate else self.V
 
     def result(self, side_b, side_a) -> Subspace:
         # canonical order: columns by descending eigenvalue of their last update (eigh's order)
@@ -746,7 +860,7 @@ class _HOOISolve:
 
 
 def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, stop="energy", tol=None, max_iter=1000,
-                   accelerate=True) -> Subspace:
+                   accelerate=True, settings: SolverSettings = DEFAULT_SOLVER) -> Subspace:
     """Tucker-2 subspace of a group from its whitened sides and subspace weights ``c [L, T]``.
 
     ``stop`` picks the test that ends a layer (DESIGN section 2, docs/DESIGN.md section 8):
@@ -761,9 +875,10 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, stop="energy", t
     as well as the plain image they replace, so the objective never decreases. Plain HOOI
     (``accelerate=False``) solves every half-step exactly: it is the reference iteration, step
     for step. Layers stop independently (a converged layer is frozen and no longer computed),
-    so a layer's answer does not depend on its batch."""
+    so a layer's answer does not depend on its batch. ``settings``: the solver's tuning
+    (:class:`SolverSettings`)."""
     tol = DEFAULT_TOL[stop] if tol is None else tol
-    hooi = _HOOISolve(side_b, side_a, c, T, rank, stop=stop, tol=tol, accelerate=accelerate)
+    hooi = _HOOISolve(side_b, side_a, c, T, rank, stop=stop, tol=tol, accelerate=accelerate, settings=settings)
     for _ in range(max_iter):
         hooi.sweep()
         if bool(hooi.done.all()):
@@ -799,7 +914,7 @@ class GroupPlan:
     any rule and scale without touching the subspace (one rule + one lift per call)."""
 
     def __init__(self, layers, *, rank, beta=0.0, stop="energy", tol=None, max_iter=1000, accelerate=True,
-                 device=None, backend_name=None, layer_ids=None):
+                 device=None, backend_name=None, layer_ids=None, solver: SolverSettings | None = None):
         t0 = time.perf_counter()
         A0, B0 = layers[0][0], layers[0][1]
         self.m, self.n = B0[0].shape[0], A0[0].shape[1]
@@ -839,7 +954,7 @@ class GroupPlan:
         self.norms = nu2.sqrt()
         c = torch.stack([subspace_weights(self.norms[l], beta) for l in range(L)])
         sub = solve_subspace(side_b, side_a, c, T, rank, stop=stop, tol=tol, max_iter=max_iter,
-                             accelerate=accelerate)
+                             accelerate=accelerate, settings=DEFAULT_SOLVER if solver is None else solver)
         self.Phi, self.Psi = sub.Phi, sub.Psi
         if side_b.G is not None and side_a.G is not None:
             self.C = project_op.project(side_b.G, side_a.G, self.Phi, self.Psi, T,
@@ -951,28 +1066,29 @@ class Plan:
 
 
 def prepare(A, B, *, rank, beta=0.0, weights=None, scales=None, stop="energy", tol=None, max_iter=1000,
-            accelerate=True, device=None, backend=None) -> Plan:
+            accelerate=True, device=None, backend=None, solver=None) -> Plan:
     """Find the shared subspace of one layer and the coordinates of every adapter.
 
     A: list of ``[r_t, n]`` (lora_A), B: list of ``[m, r_t]`` (lora_B), ``scales`` the LoRA
     scaling of each adapter (alpha/r or alpha/sqrt(r)), ``weights`` the user's weights.
-    The returned plan's ``merge(method, scale=..., **rule_params)`` costs one rule and one lift."""
-    check_solver(stop, tol, max_iter, beta)
+    The returned plan's ``merge(method, scale=..., **rule_params)`` costs one rule and one lift.
+    ``solver``: the solver's tuning (:class:`SolverSettings`; None: the defaults)."""
+    check_solver(stop, tol, max_iter, beta, solver)
     _, _, _, s, w = check_layer(A, B, scales, weights, rank=rank)
     return Plan(GroupPlan([(list(A), list(B), s, w)], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
-                          accelerate=accelerate, device=device, backend_name=backend))
+                          accelerate=accelerate, device=device, backend_name=backend, solver=solver))
 
 
 def merge_layer(A, B, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, scales=None,
                 stop="energy", tol=None, max_iter=1000, accelerate=True, device=None, backend=None,
-                **rule_params) -> MergedLayer:
+                solver=None, **rule_params) -> MergedLayer:
     """Merge the LoRA adapters of one layer into one rank-``rank`` LoRA with CtM.
 
     Returns a :class:`MergedLayer` whose ``B [m, rank] @ A [rank, n]`` is
     ``scale * U rule({C_t}) V^T`` (DESIGN section 2), in the input dtype."""
     resolve_params(method, rule_params)
     plan = prepare(A, B, rank=rank, beta=beta, weights=weights, scales=scales, stop=stop, tol=tol,
-                   max_iter=max_iter, accelerate=accelerate, device=device, backend=backend)
+                   max_iter=max_iter, accelerate=accelerate, device=device, backend=backend, solver=solver)
     return plan.merge(method, scale=scale, **rule_params)
 
 
@@ -1012,12 +1128,13 @@ def _layer_ids(layer_ids, count):
 
 
 def prepare_layers(layers, *, rank, beta=0.0, weights=None, stop="energy", tol=None, max_iter=1000, accelerate=True,
-                   device=None, backend=None, max_group=None, layer_ids=None) -> list[Plan]:
+                   device=None, backend=None, max_group=None, layer_ids=None, solver=None) -> list[Plan]:
     """Plans for many layers: ``layers`` is a list of ``(A_list, B_list[, scales])``; ``weights``
     is one list for all layers or a list of per-layer lists. Same-shape layers are batched.
     ``layer_ids`` (default ``0..len-1``) identify the layers to seeded rules (DARE): give each
-    module of a model its own id so that its mask does not depend on how it is batched."""
-    check_solver(stop, tol, max_iter, beta)
+    module of a model its own id so that its mask does not depend on how it is batched.
+    ``solver``: the solver's tuning (:class:`SolverSettings`; None: the defaults)."""
+    check_solver(stop, tol, max_iter, beta, solver)
     norm = _normalise_layers(layers, weights, rank)
     ids = _layer_ids(layer_ids, len(norm))
     plans: list[Plan | None] = [None] * len(norm)
@@ -1027,25 +1144,25 @@ def prepare_layers(layers, *, rank, beta=0.0, weights=None, stop="energy", tol=N
             chunk = idx[k:k + step]
             group = GroupPlan([norm[i] for i in chunk], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                               accelerate=accelerate, device=device, backend_name=backend,
-                              layer_ids=[ids[i] for i in chunk])
+                              layer_ids=[ids[i] for i in chunk], solver=solver)
             for j, i in enumerate(chunk):
                 plans[i] = Plan(group, j)
     return plans
 
 
 def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, stop="energy", tol=None,
-                 max_iter=1000, accelerate=True, device=None, backend=None, layer_ids=None,
+                 max_iter=1000, accelerate=True, device=None, backend=None, layer_ids=None, solver=None,
                  **rule_params) -> list[MergedLayer]:
     """Merge many layers (same-shape ones batched); see :func:`prepare_layers`."""
     resolve_params(method, rule_params)
-    check_solver(stop, tol, max_iter, beta)
+    check_solver(stop, tol, max_iter, beta, solver)
     norm = _normalise_layers(layers, weights, rank)
     ids = _layer_ids(layer_ids, len(norm))
     out: list[MergedLayer | None] = [None] * len(norm)
     for idx in group_keys(norm).values():
         group = GroupPlan([norm[i] for i in idx], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                           accelerate=accelerate, device=device, backend_name=backend,
-                          layer_ids=[ids[i] for i in idx])
+                          layer_ids=[ids[i] for i in idx], solver=solver)
         for j, merged in zip(idx, group.merge(method, scale=scale, **rule_params)):
             out[j] = merged
     return out

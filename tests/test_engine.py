@@ -278,13 +278,12 @@ def test_factored_top_r_route_matches_reference(case, monkeypatch):
         A, B, scales, rank = _case(case, torch.float64)
     dWs = ref.dense_updates(A, B, scales)
     want = ref.ctm(dWs, rank, "ties", **TIGHT, top_k=0.3).dW
-    monkeypatch.setattr(engine, "TOP_R_ROUTE", "dense")
-    dense = ck.merge_layer(A, B, rank=rank, method="ties", scales=scales, top_k=0.3, accelerate=False, **TIGHT)
-    monkeypatch.setattr(engine, "TOP_R_ROUTE", "factored")
-    monkeypatch.setattr(topr, "GUARD", 4)
+    dense = ck.merge_layer(A, B, rank=rank, method="ties", scales=scales, top_k=0.3, accelerate=False,
+                           solver=engine.SolverSettings(exact_route="dense"), **TIGHT)
     steps, solve = [], topr.top_r_factored
     monkeypatch.setattr(topr, "top_r_factored", lambda *a, **k: (lambda res: steps.append(int(res[2].max())) or res)(solve(*a, **k)))
-    out = ck.merge_layer(A, B, rank=rank, method="ties", scales=scales, top_k=0.3, accelerate=False, **TIGHT)
+    out = ck.merge_layer(A, B, rank=rank, method="ties", scales=scales, top_k=0.3, accelerate=False,
+                         solver=engine.SolverSettings(exact_route="factored", factored_guard=4), **TIGHT)
     assert out.info.converged
     assert relerr(out.B @ out.A, want) <= 1e-6
     assert abs(out.info.iterations - dense.info.iterations) <= 1

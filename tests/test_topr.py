@@ -85,7 +85,7 @@ def test_cost_model_sends_small_solves_dense_and_large_ones_factored():
     b = 16 + topr.GUARD
     small = topr.dense_seconds(128, 128, torch.float64) / topr.factored_step_seconds(128, 128, b, topr.DEPTH, torch.float64)
     large = topr.dense_seconds(2048, 2048, torch.float64) / topr.factored_step_seconds(2048, 2048, b, topr.DEPTH, torch.float64)
-    assert small < engine.WARM_STEPS <= large
+    assert small < engine.DEFAULT_SOLVER.warm_steps <= large
 
 
 def _gram(F):
@@ -194,8 +194,8 @@ def _count_routes(monkeypatch):
 
 def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
     """Plain HOOI (``accelerate=False``, the exact half-steps). A dense solve priced at 6
-    factored steps (below WARM_STEPS): the warm half-steps are
-    dense by default, so nothing goes factored; once a side has had HINT_SOLVES factored solves
+    factored steps (below the settings' warm_steps): the warm half-steps are
+    dense by default, so nothing goes factored; once a side has had hint_solves factored solves
     in a row (forced here), its next half-steps are expected to take as many steps as the last
     one plus one and go factored; after a single one they stay dense. The answer is the dense
     route's at tight tol."""
@@ -208,19 +208,19 @@ def test_half_steps_follow_the_steps_their_side_took(monkeypatch):
         k, p, min(k, 8 + topr.GUARD), topr.DEPTH, dtype))
     seen = _count_routes(monkeypatch)
     engine.merge_layer(A, B, **tight)
-    assert all(route == "dense" for route, _, _ in seen)          # WARM_STEPS > 6: never factored
+    assert all(route == "dense" for route, _, _ in seen)          # warm_steps > 6: never factored
     top_r = engine._top_r
-    assert engine.HINT_SOLVES == 2
+    assert engine.DEFAULT_SOLVER.hint_solves == 2
     for forced in (1, 2):
         seen.clear()
         count = {}
 
-        def forcing(Z, rank, X0=None, expected=None):
+        def forcing(Z, rank, settings, X0=None, expected=None):
             side = Z.shape[1]
             if X0 is not None and count.get(side, 0) < forced:     # a warm half-step, not the HOSVD
                 count[side] = count.get(side, 0) + 1
                 expected = 1                            # the first warm solves of a side go factored
-            return top_r(Z, rank, X0, expected)
+            return top_r(Z, rank, settings, X0, expected)
 
         monkeypatch.setattr(engine, "_top_r", forcing)
         out = engine.merge_layer(A, B, **tight)
@@ -341,7 +341,7 @@ def test_filter_degree_is_the_smallest_that_damps_enough():
     assert capped.tolist() == [10]
 
 
-def test_block_step_takes_the_exact_solve_where_the_filter_costs_more(monkeypatch):
+def test_block_step_takes_the_exact_solve_where_the_filter_costs_more():
     """With a budget of no degree at all (every filter costs more than a dense solve) the block
     step returns the exact top-b pairs (degree 0) from any block; with no budget (the GPU's
     policy) it filters."""
@@ -349,13 +349,11 @@ def test_block_step_takes_the_exact_solve_where_the_filter_costs_more(monkeypatc
     Z = _spectrum_factor(2, k, p, [1.2 ** -i for i in range(30)])
     lam, X = torch.linalg.eigh(Z @ Z.mT)
     Q = torch.linalg.qr(torch.randn(2, k, b, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).Q
-    monkeypatch.setattr(topr, "filter_budget", lambda *a: 0)
-    th, Q1, degree = topr.block_step(Z, Q, r)
+    th, Q1, degree = topr.block_step(Z, Q, r, budget=0)
     assert degree.tolist() == [0, 0]
     assert _projector_gap(Q1, X.flip(-1)[..., :b]) <= 1e-12
     assert torch.allclose(th, lam.flip(-1)[:, :b], rtol=1e-12, atol=1e-14)
-    monkeypatch.setattr(topr, "filter_budget", lambda *a: None)
-    assert int(topr.block_step(Z, Q, r)[2].min()) >= 1
+    assert int(topr.block_step(Z, Q, r, budget=None)[2].min()) >= 1
 
 
 def test_block_step_refuses_bad_blocks():

@@ -290,7 +290,7 @@ def _ritz(Z, Q):
     return th, Q @ S, W @ S
 
 
-def block_step(Z, Q, r, *, damping=None, max_degree=None):
+def block_step(Z, Q, r, *, damping=None, max_degree=None, budget="auto"):
     """One warm-started half-step on ``M = Z Z^T`` (``Z [L, k, p]``, never formed) from the
     orthonormal block ``Q [L, k, b]`` (the side's block after its previous half-step).
 
@@ -305,7 +305,8 @@ def block_step(Z, Q, r, *, damping=None, max_degree=None):
     subspace of ``M`` that the filter does not move, whose top ``r`` Ritz vectors are then
     exact top eigenvectors. ``2 d + 1`` products of ``Z`` or ``Z^T`` with ``b`` columns. On the
     CPU a layer whose filter would cost more than an exact solve (:func:`filter_budget`) gets the
-    exact top-``b`` pairs instead (degree 0).
+    exact top-``b`` pairs instead (degree 0); ``budget``: ``"auto"`` (that rule), ``None`` (always
+    filter, the GPU's policy) or the highest degree to filter with.
 
     Returns (Ritz values ``[L, b]`` descending, block ``[L, k, b]``, degrees ``[L]``)."""
     check_tensor(Z, "topr", "Z", 3, (torch.float32, torch.float64))
@@ -320,7 +321,8 @@ def block_step(Z, Q, r, *, damping=None, max_degree=None):
         return th, Q, degree
     degree, need = filter_degree(th, r, INNER_DAMPING if damping is None else damping,
                                  MAX_DEGREE if max_degree is None else max_degree, torch.finfo(Z.dtype).eps)
-    budget = filter_budget(k, Z.shape[-1], b, Z.dtype, Z.device)
+    if budget == "auto":
+        budget = filter_budget(k, Z.shape[-1], b, Z.dtype, Z.device)
     exact = torch.zeros_like(degree, dtype=torch.bool) if budget is None else need > budget
     degree = torch.where(exact, 0, degree)
     if bool(exact.all()):
