@@ -45,7 +45,7 @@ NOUN_CLASSES = ("noun.animal", "noun.plant", "noun.food", "noun.artifact", "noun
 VERB_CLASSES = ("verb.motion", "verb.communication", "verb.change", "verb.contact", "verb.cognition",
                 "verb.consumption", "verb.emotion", "verb.competition")
 QUOTE_TOPICS = ("computers", "politics", "science", "work", "men-women", "art", "literature", "food")
-SIZES = {"train": 2000, "val": 150, "test": 300}   # per task (fewer where a task has fewer examples)
+SIZES = {"train": 2000, "val": 100, "test": 200}   # per task (fewer where a task has fewer examples)
 
 
 def read_synsets() -> list[dict]:
