@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+
+import ctm_kernels
+from ctm_kernels import reference
 
 from . import minilm
 from .digits import SEEDED_RULES, TOP_K_RULES, _grid_text
@@ -64,6 +68,39 @@ def layer_factors(zoo: minilm.Zoo) -> list[LayerFactors]:
                          [a.scaling for a in zoo.adapters]) for n in zoo.config.lora_layers]
 
 
+class CachedMerger(Merger):
+    """``Merger`` that computes each full-parameter merge once and reuses it: MtC is that merge
+    truncated to the rank (``reference.mtc``: ``truncate(full_merge(...))``; Iso-C: the sum,
+    truncated, then flattened), at every rank, and ``full`` is the merge itself."""
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self._full: dict = {}
+
+    def full_merge(self, rule: str, params: dict) -> list[torch.Tensor]:
+        key = (rule, tuple(sorted(params.items())))
+        if key not in self._full:
+            out = []
+            for i, dW in enumerate(self.dense):
+                p = dict(params)
+                if "seed" in p:
+                    p["seed"] = p["seed"] + i * ctm_kernels.rules.DARE_LAYER_STRIDE
+                out.append(reference.full_merge(dW, rule, **p))
+            self._full[key] = out
+        return self._full[key]
+
+    def merge(self, method, rule, rank, beta=None, **params):
+        if method == "full":
+            return self.full_merge(rule, params)
+        if method == "mtc":
+            if rule == "iso_c":
+                pairs = [reference.truncate_isotropic(F, rank) for F in self.full_merge("sum", {})]
+            else:
+                pairs = [reference.truncate(F, rank) for F in self.full_merge(rule, params)]
+            return [B @ A for B, A in pairs]
+        return super().merge(method, rule, rank, beta, **params)
+
+
 def param_grid(cfg: Config, method: str, rule: str) -> list[dict]:
     grid = [{}]
     if method == "ctm" and len(cfg.betas) > 1:
@@ -99,7 +136,7 @@ def run_seed(seed: int, cfg: Config, tok, base, log=print) -> dict:
     quick = cfg.limit_test is not None
     checks = check_manifest(zoo, ev, quick)
     layers = layer_factors(zoo)
-    merger = Merger(layers)
+    merger = CachedMerger(layers)
     names = zoo.tasks
     zero = ev.accuracies(None, "test")
     out = {"seed": seed, "tasks": names, "individual_test_acc": ev.individual["test"],
@@ -327,6 +364,8 @@ def main(argv=None) -> dict:
     summary = summarise(outs, cfg)
     seconds = time.perf_counter() - t0
     meta = metadata()
+    # a run from an exported tree (no .git) names the commit it was exported from
+    meta["commit"] = os.environ.get("CTM_SOURCE_COMMIT", meta["commit"])
     stem = "quality_minilm" + ("_paper" if cfg.protocol == "paper" else "") + ("_quick" if args.quick else "")
     write_json(args.out / f"{stem}.json", {"meta": meta, "config": asdict(cfg), "seconds": seconds,
                                            "seeds": outs, "summary": summary})
