@@ -6,20 +6,25 @@ module group through read -> merge -> write once.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from .io import Adapter, AdapterError, open_adapter
 from .io.kohya import DEFAULT_PREFIX
-from .pipeline.plan import DEFAULT_GROUP_BYTES, DTYPES, FORMATS, MergePlan, make_plan
+from .io.peft import CONFIG_NAME, WEIGHTS_NAME
+from .io.stream import SafetensorsStore
+from .pipeline.plan import DEFAULT_GROUP_BYTES, DTYPES, MergePlan, make_plan
 from .pipeline.run import execute
 from .pipeline.result import MergeResult, MergeStats
 from .threads import using_threads
 
 __all__ = ["merge", "plan_merge", "inspect_adapter", "MergeResult", "MergeStats", "MergePlan",
-           "DEFAULT_GROUP_BYTES", "DTYPES", "FORMATS"]
+           "DEFAULT_GROUP_BYTES", "DTYPES"]
 
 
 def plan_merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta: float = 0.0,
@@ -112,8 +117,6 @@ def inspect_adapter(source, *, check_values: bool = True) -> dict:
            "base_model_name_or_path": ad.config.get("base_model_name_or_path"),
            "use_rslora": bool(ad.config.get("use_rslora", False))}
     if check_values:
-        import torch
-
         bad = []
         for s in ad.modules.values():
             for key, t in ad.store.get([s.a_key, s.b_key]).items():
@@ -127,9 +130,6 @@ def inspect_adapter(source, *, check_values: bool = True) -> dict:
 def _refused(source, err: AdapterError) -> dict:
     """The description of an adapter that does not open as a mergeable LoRA: the reason, and
     its tensors when its weights file is readable."""
-    from .io.peft import CONFIG_NAME, WEIGHTS_NAME
-    from .io.stream import SafetensorsStore
-
     path = Path(source)
     folder = path.is_dir()
     weights = path / WEIGHTS_NAME if folder else path
@@ -141,7 +141,6 @@ def _refused(source, err: AdapterError) -> dict:
         raise err from None
     config = {}
     if (weights.parent / CONFIG_NAME).is_file():
-        import json
         try:
             config = json.loads((weights.parent / CONFIG_NAME).read_text())
         except (OSError, ValueError):

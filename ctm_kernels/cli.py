@@ -24,7 +24,9 @@ import sys
 import threading
 import traceback
 
-from .pipeline.ranks import launched_ranks
+from . import __version__
+from .pipeline.config import load_config
+from .pipeline.launch import launched_ranks, process_group
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
 
@@ -185,8 +187,6 @@ def _merge_options(m: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = _Parser(prog="ctm", description="Merge LoRA adapters into one low-rank adapter with "
                 "Compress-then-Merge (CtM).")
     p.add_argument("--version", action="version", version=f"ctm {__version__}")
@@ -213,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> dict:
     """The merge's keyword arguments: the config file's, then the options given, then defaults."""
-    from .pipeline.config import load_config
-
     kw = load_config(args.config) if args.config else {}
     if args.adapters:
         if args.config:
@@ -271,7 +269,6 @@ def _cmd_merge(args) -> int:
     if kw.get("output") is None:
         raise UsageError("ctm: -o/--output is required (or output: in --config)")
     from .api import merge
-    from .pipeline.ranks import process_group
 
     with process_group(kw.get("device")) as (rank, device):
         kw["device"] = device

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Mapping
 
 from . import hub
-from .kohya import read_kohya, read_kohya_state_dict, write_kohya, kohya_tensors, kohya_name
+from .kohya import read_kohya, read_kohya_state_dict, kohya_tensors, kohya_name
 from .peft import (CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, merged_config, peft_tensors, read_peft,
-                   read_peft_state_dict, write_peft)
+                   read_peft_state_dict)
 from .stream import Adapter, AdapterError, LazyTensor, MergedModule, ModuleSpec, write_safetensors
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -73,5 +73,5 @@ def _open_snapshot(folder: Path, source: str, repo: str) -> Adapter:
 
 __all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleSpec",
            "open_adapter", "read_peft", "read_peft_state_dict", "read_kohya", "read_kohya_state_dict",
-           "write_peft", "write_kohya", "peft_tensors", "kohya_tensors", "kohya_name", "merged_config",
+           "peft_tensors", "kohya_tensors", "kohya_name", "merged_config",
            "write_safetensors", "PICKLE_NAMES"]

@@ -16,13 +16,13 @@ LoKr ``lokr_*``, full ``diff`` weights) are refused with the file and key.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Mapping
+from dataclasses import replace
+from typing import Callable, Mapping
 
 import torch
 
 from .stream import (FLOAT_DTYPES, Adapter, AdapterError, DictStore, MergedModule, ModuleSpec,
-                     SafetensorsStore, TensorStore, atomic_file, check_factor_shapes, write_safetensors)
+                     SafetensorsStore, TensorStore, check_factor_shapes)
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 DEFAULT_PREFIX = "lora_unet"
@@ -85,7 +85,8 @@ def read_kohya_tensors(store: TensorStore, label: str) -> Adapter:
     if not modules:
         raise AdapterError(f"{label}: no LoRA factors (no *.lora_down.weight / *.lora_up.weight keys)")
     return Adapter(label=label, format="kohya", store=store, modules=modules,
-                   config={"ss_metadata": dict(getattr(store, "metadata", {}) or {})})
+                   config={"ss_metadata": dict(getattr(store, "metadata", {}) or {})},
+                   source=getattr(store, "path", None))
 
 
 def read_kohya(path: str | os.PathLike) -> Adapter:
@@ -122,12 +123,32 @@ def kohya_tensors(modules: list[MergedModule], prefix: str = DEFAULT_PREFIX) -> 
     return out
 
 
-def write_kohya(dest: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, overwrite: bool = False,
-                metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a kohya LoRA file atomically (temporary file next to ``dest``, then rename)."""
-    dest = Path(dest)
-    if dest.suffix != ".safetensors":
-        raise ValueError(f"{dest}: a kohya LoRA is one file; give a path ending in .safetensors")
-    with atomic_file(dest, overwrite=overwrite) as tmp:
-        write_safetensors(tmp, tensors, metadata)
-    return dest
+def match_kohya_names(adapters: list[Adapter], problem: Callable) -> list[Adapter]:
+    """Adapters whose modules are named alike. kohya names are module paths with ``.`` replaced
+    by ``_`` behind a prefix (``lora_unet_``, ``lora_te_``); mixed with PEFT inputs, each kohya
+    module is renamed to the one PEFT module path it flattens to, and refused when it matches
+    none or several (``problem(message, AdapterError)``)."""
+    peft_names = {n for a in adapters if a.format == "peft" for n in a.modules}
+    if not peft_names or all(a.format == "peft" for a in adapters):
+        return adapters
+    flat = {}
+    for n in peft_names:
+        flat.setdefault(n.replace(".", "_"), []).append(n)
+    out = []
+    for ad in adapters:
+        if ad.format != "kohya":
+            out.append(ad)
+            continue
+        renamed = {}
+        for k, spec in ad.modules.items():
+            hits = [p for f, ps in flat.items() for p in ps
+                    if k.endswith("_" + f) and k[: -len(f) - 1].startswith("lora")]
+            if len(hits) != 1:
+                why = "matches no module path" if not hits else f"matches several module paths ({', '.join(sorted(hits))})"
+                problem(f"{ad.label}: {spec.a_key}: kohya module {k} {why} of the PEFT inputs; adapters of "
+                        "different formats merge only when every kohya module maps to one PEFT module",
+                        AdapterError)
+                continue
+            renamed[hits[0]] = replace(spec, name=hits[0])
+        out.append(replace(ad, modules=renamed))
+    return out

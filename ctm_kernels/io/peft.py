@@ -31,9 +31,8 @@ from typing import Mapping
 
 import torch
 
-from .stream import (FLOAT_DTYPES, Adapter, AdapterError, DictStore, LazyTensor, MergedModule,
-                     ModuleSpec, SafetensorsStore, TensorStore, atomic_dir, check_factor_shapes,
-                     write_safetensors)
+from .stream import (FLOAT_DTYPES, Adapter, AdapterError, DictStore, MergedModule, ModuleSpec,
+                     SafetensorsStore, TensorStore, check_factor_shapes)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -214,8 +213,9 @@ def read_peft_tensors(store: TensorStore, cfg: Mapping, label: str, config_label
             raise AdapterError(f"{label}: {full}: {_refusal(full)}")
     if not modules:
         raise AdapterError(f"{label}: no LoRA factors (no *.lora_A.weight / *.lora_B.weight keys)")
+    path = getattr(store, "path", None)
     return Adapter(label=label, format="peft", store=store, modules=modules, config=dict(cfg),
-                   passthrough=passthrough)
+                   passthrough=passthrough, source=None if path is None else path.parent)
 
 
 def read_peft(path: str | os.PathLike) -> Adapter:
@@ -304,17 +304,6 @@ def merged_config(modules: list[MergedModule], rank: int, inputs: list[Adapter],
     if extra:
         cfg.update(extra)
     return cfg
-
-
-def write_peft(dest: str | os.PathLike, tensors: Mapping[str, torch.Tensor | LazyTensor], config: Mapping,
-               *, overwrite: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a PEFT adapter folder atomically (temporary folder next to ``dest``, then rename)."""
-    meta = {"format": "pt"}
-    meta.update(metadata or {})
-    with atomic_dir(dest, overwrite=overwrite) as tmp:
-        write_config(tmp, config)
-        write_safetensors(tmp / WEIGHTS_NAME, tensors, meta)
-    return Path(dest)
 
 
 def write_config(folder: str | os.PathLike, config: Mapping) -> None:

@@ -139,12 +139,37 @@ class SafetensorsStore(TensorStore):
         return {k: out[k] for k in keys}
 
 
-def _read_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Start of the data section and ``{key: (start, end)}`` byte ranges within it."""
+# a larger header is not one a safetensors writer made (the format's own readers cap it too)
+_MAX_HEADER = 100 * 2**20
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """The JSON header of a safetensors file, and where its data section starts. Raises
+    ``OSError``, ``ValueError``, ``struct.error`` or ``UnicodeDecodeError`` for what is not one."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER:
+            raise ValueError(f"{path}: a header of {n} bytes")
         header = json.loads(f.read(n))
-    return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
+    return 8 + n, header
+
+
+def header_metadata(path: Path) -> dict | None:
+    """The ``__metadata__`` of a safetensors file ({} when it has none), or None when it is not one."""
+    try:
+        _, header = read_header(path)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return None
+    meta = header.get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Start of the data section and ``{key: (start, end)}`` byte ranges within it."""
+    start, header = read_header(path)
+    return start, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def _read_exactly(f, pos: int, buf: torch.Tensor, label: str, key: str) -> None:
@@ -241,7 +266,8 @@ class Adapter:
     ``passthrough`` maps tensor keys to full tensors that PEFT stores next to the LoRA
     factors and that a merged adapter must carry unchanged (an embedding's base weights,
     saved by PEFT when the embedding is targeted). ``origin``: for an adapter from the Hugging
-    Face Hub, its id at the commit read (what a resolved config records)."""
+    Face Hub, its id at the commit read (what a resolved config records). ``source``: the file or
+folder it was read from (None when it is in memory)."""
 
     label: str
     format: str                   # "peft" | "kohya"
@@ -250,6 +276,7 @@ class Adapter:
     config: dict = field(default_factory=dict)
     passthrough: list[str] = field(default_factory=list)
     origin: str | None = None     # a Hub input: ``org/name@commit``, the snapshot read
+    source: Path | None = None    # the file (kohya) or folder (PEFT) read; None for one in memory
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None, stats: ReadStats | None = None
              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

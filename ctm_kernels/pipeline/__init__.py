@@ -7,12 +7,13 @@
 * :mod:`.write`: the merged tensors into one atomic output as their groups finish.
 
 :func:`~.run.execute` runs a plan's groups through the other three stages once; :mod:`.ranks` is
-the only place that shares work between ``torch.distributed`` ranks. The Python API
+the only place that shares work between ``torch.distributed`` ranks, :mod:`.launch` starts them
+under torchrun, :mod:`.destination` says where an output may go. The Python API
 (:func:`ctm_kernels.merge`), the ``ctm`` command and the PEFT integration are faces over
 :func:`~.plan.make_plan` and :func:`~.run.execute`.
 
 The package imports torch only when one of its names is used, so that the command line can
-read :func:`.ranks.launched_ranks` before it knows whether it needs torch.
+read :func:`.launch.launched_ranks` before it knows whether it needs torch.
 """
 from importlib import import_module
 

@@ -34,6 +34,8 @@ import difflib
 import os
 from pathlib import Path
 
+from .. import __version__
+
 TOP_KEYS = {"adapters", "models", "merge_method", "method", "rank", "parameters", "beta", "scale", "stop", "tol",
             "max_iter", "dtype", "output", "format", "kohya_prefix", "max_group_mb", "device", "base_model",
             "ctm_version", "threads", "pad_rank"}
@@ -141,13 +143,11 @@ def load_config(path: str | os.PathLike) -> dict:
     return out
 
 
-def resolved_config(plan, *, format: str, kohya_prefix: str) -> str:
+def resolved_config(plan, fmt) -> str:
     """The YAML text of every setting of ``plan`` that decides the output's bytes (adapters by
     absolute path or Hub id at the commit read, weights, method and parameters, rank, solver
-    settings, dtype, format, CPU threads)."""
+    settings, dtype, the output format ``fmt`` and its settings, CPU threads)."""
     import yaml
-
-    from .. import __version__
 
     adapters = []
     for ad, src, w in zip(plan.adapters, plan.sources, plan.weights):
@@ -158,11 +158,10 @@ def resolved_config(plan, *, format: str, kohya_prefix: str) -> str:
             "parameters": {k: v for k, v in sorted(plan.params.items())},
             **{k: plan.engine[k] for k in ("beta", "scale", "stop", "tol", "max_iter")},
             "dtype": None if plan.dtype is None else str(plan.dtype).removeprefix("torch."),
-            "format": format, "threads": plan.threads}
+            "format": fmt.name, "threads": plan.threads}
     if plan.pad_rank:
         data["pad_rank"] = True
-    if format == "kohya":
-        data["kohya_prefix"] = kohya_prefix
+    data.update(fmt.settings())
     data["adapters"] = adapters
     head = "# the merge that wrote this output: `ctm merge --config THIS_FILE -o OUT` repeats it\n"
     return head + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

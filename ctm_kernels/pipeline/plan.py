@@ -11,16 +11,22 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..engine import DEFAULT_TOL, check_solver
 from ..io import Adapter, AdapterError, ModuleSpec, open_adapter
-from ..io.kohya import DEFAULT_PREFIX, kohya_name
-from ..rules import resolve_params
+from ..io.formats import OutputFormat, output_format
+from ..io.kohya import DEFAULT_PREFIX, match_kohya_names
+from ..rules import RULES, resolve_params
+from ..threads import check_threads
+from .config import suggest
+from .destination import check_output
+from .launch import check_device
 
 # Input factor bytes per module group. The merge holds about 7x a group's bytes at its peak
 # for bf16 factors on CPU (the group being read, the group being merged, the engine's stacked
@@ -28,7 +34,6 @@ from ..rules import resolve_params
 DEFAULT_GROUP_BYTES = 256 * 2**20
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
-FORMATS = ("peft", "kohya")
 FULL_RANK = "full"
 
 # Rough time model for the dry run, calibrated on one measured whole-model merge (README:
@@ -88,10 +93,9 @@ class MergePlan:
     params: dict
     dtype: torch.dtype | None
     device: torch.device | None
-    format: str
+    format: OutputFormat
     output: Path | None
     overwrite: bool
-    kohya_prefix: str
     max_group_bytes: int
     engine: dict = field(default_factory=dict)
     modules: list[ModuleEntry] = field(default_factory=list)
@@ -140,7 +144,7 @@ class MergePlan:
         return {
             "adapters": [{"label": n, "format": a.format, "weight": w, "modules": len(a.modules)}
                          for n, a, w in zip(self.names, self.adapters, self.weights)],
-            "rank": self.rank, "pad_rank": self.pad_rank, "threads": self.threads, "method": self.method, "params": dict(self.params), "format": self.format,
+            "rank": self.rank, "pad_rank": self.pad_rank, "threads": self.threads, "method": self.method, "params": dict(self.params), "format": self.format.name,
             "output": None if self.output is None else str(self.output),
             "modules": [{"name": e.name, "kind": e.first.kind, "out": e.first.out_features,
                          "in": e.first.in_features, "rank": e.rank, "stacked_rank": e.stacked_rank,
@@ -158,7 +162,7 @@ class MergePlan:
         params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
         lines = [f"merge {T} adapter{'s' if T != 1 else ''} with {self.method}"
                  f"{f' ({params})' if params else ''} at rank {self.rank}"
-                 + (f" into {self.output} ({self.format})" if self.output is not None else "")
+                 + (f" into {self.output} ({self.format.name})" if self.output is not None else "")
                  + f", {self.threads} CPU thread{'s' if self.threads != 1 else ''}"]
         width = max((len(n) for n in self.names), default=0)
         for i, (name, ad, w) in enumerate(zip(self.names, self.adapters, self.weights)):
@@ -242,41 +246,6 @@ def resolve_dtype(dtype, adapters: list[Adapter]) -> torch.dtype | None:
     return dtype
 
 
-def check_device(device) -> torch.device | None:
-    """The merge's device; one that this torch cannot use is bad input, not an internal error."""
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        from .config import suggest
-        word = str(device).split(":")[0].lower()
-        hint = " (did you mean cuda?)" if word in ("gpu", "cuda0", "nvidia") else suggest(word, ("cpu", "cuda"))
-        raise ValueError(f"unknown device {device!r}{hint}; the merge runs on cpu or cuda (cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: the merge runs on cpu or cuda")
-    return dev
-
-
-def output_format(output, format: str | None) -> str:
-    """``format`` checked against ``output``: None (or "auto") means kohya for a path ending in
-    ``.safetensors`` and a PEFT folder otherwise."""
-    suffix = None if output is None else Path(output).suffix.lower()
-    if format in (None, "auto"):
-        return "kohya" if suffix == ".safetensors" else "peft"
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
-    if output is not None:
-        if format == "kohya" and suffix != ".safetensors":
-            raise ValueError(f"{output}: a kohya LoRA is one file; give a path ending in .safetensors")
-        if format == "peft" and suffix == ".safetensors":
-            raise ValueError(f"{output}: a PEFT adapter is a folder; give a folder name, or write a kohya "
-                             "file (format kohya)")
-    return format
-
-
 def open_adapters(adapters: Sequence, problem: _Problems | None = None) -> tuple[list[Adapter], list, list[int]]:
     """Open every adapter (headers and configs only). Returns the adapters that opened, where
     each came from (a path, or None for one in memory) and their positions in ``adapters``."""
@@ -293,7 +262,7 @@ def open_adapters(adapters: Sequence, problem: _Problems | None = None) -> tuple
             problem(str(e), AdapterError)
             continue
         opened.append(ad)
-        sources.append(_source_path(ad))
+        sources.append(ad.source)
         kept.append(i)
     return opened, sources, kept
 
@@ -304,45 +273,6 @@ def _name(source, ad: Adapter) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return ad.label
-
-
-def _source_path(ad: Adapter) -> Path | None:
-    """The file or folder an adapter was read from (None when it is in memory)."""
-    path = getattr(ad.store, "path", None)
-    if path is None:
-        return None
-    return Path(path).parent if ad.format == "peft" else Path(path)
-
-
-def unify_names(adapters: list[Adapter], problem: _Problems) -> list[Adapter]:
-    """Adapters whose modules are named alike. kohya names are module paths with ``.`` replaced
-    by ``_`` behind a prefix (``lora_unet_``, ``lora_te_``); mixed with PEFT inputs, each kohya
-    module is renamed to the one PEFT module path it flattens to, and refused when it matches
-    none or several."""
-    peft_names = {n for a in adapters if a.format == "peft" for n in a.modules}
-    if not peft_names or all(a.format == "peft" for a in adapters):
-        return adapters
-    flat = {}
-    for n in peft_names:
-        flat.setdefault(n.replace(".", "_"), []).append(n)
-    out = []
-    for ad in adapters:
-        if ad.format != "kohya":
-            out.append(ad)
-            continue
-        renamed = {}
-        for k, spec in ad.modules.items():
-            hits = [p for f, ps in flat.items() for p in ps
-                    if k.endswith("_" + f) and k[: -len(f) - 1].startswith("lora")]
-            if len(hits) != 1:
-                why = "matches no module path" if not hits else f"matches several module paths ({', '.join(sorted(hits))})"
-                problem(f"{ad.label}: {spec.a_key}: kohya module {k} {why} of the PEFT inputs; adapters of "
-                        "different formats merge only when every kohya module maps to one PEFT module",
-                        AdapterError)
-                continue
-            renamed[hits[0]] = replace(spec, name=hits[0])
-        out.append(replace(ad, modules=renamed))
-    return out
 
 
 def plan_modules(adapters: list[Adapter], problem: _Problems | None = None) -> list[ModuleEntry]:
@@ -457,10 +387,6 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
     """Plan a merge (see :func:`ctm_kernels.merge` for the arguments). With ``strict`` the first
     problem raises ``ValueError`` naming the file and key; otherwise every problem found is in
     ``plan.problems``."""
-    from ..threads import check_threads
-    from .config import suggest
-    from .write import check_output
-
     problem = _Problems(strict)
 
     def checked(fn, *args, default=None):
@@ -470,19 +396,15 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
             problem(str(e))
             return default
 
-    from ..rules import RULES
-
     if isinstance(method, str) and method not in RULES:
         problem(f"unknown merge method {method!r}{suggest(method, RULES)}; choose one of {', '.join(RULES)}")
         params = {}
     else:
         params = checked(resolve_params, method, rule_params, default={})
     rank = checked(check_rank, rank, default=1)
-    from ..engine import DEFAULT_TOL, check_solver
-
     checked(check_solver, stop, tol, max_iter, beta)
     tol = DEFAULT_TOL.get(stop, DEFAULT_TOL["energy"]) if tol is None else tol     # resolved: it decides the bytes
-    fmt = checked(output_format, output, format, default="peft")
+    fmt = checked(output_format, output, format, kohya_prefix, default=output_format(None))
     nthreads = checked(check_threads, threads, default=1)
     if not isinstance(pad_rank, bool):
         problem(f"pad_rank must be True or False, got {pad_rank!r}")
@@ -493,7 +415,7 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
     opened, sources, kept = open_adapters(adapters, problem)
     w = checked(check_weights, weights, len(adapters), default=[1.0] * len(adapters))
     w = [w[i] for i in kept]                  # the weights of the adapters that opened
-    opened = unify_names(opened, problem)
+    opened = match_kohya_names(opened, problem)
     entries = plan_modules(opened, problem)
     if len(opened) > 1 and entries and not any(len(e.specs) > 1 for e in entries):
         problem(f"no module is adapted by more than one of the {len(opened)} adapters (first modules: "
@@ -509,32 +431,12 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
                 break
     cdtype = checked(resolve_dtype, dtype, opened)
     dev = checked(check_device, device)
-    if output is not None and fmt == "peft":
-        # kohya inputs not renamed to PEFT module paths by unify_names
-        kohya_named = [a for a in opened if a.format == "kohya" and any("." not in n for n in a.modules)]
-        if kohya_named:
-            problem(f"{kohya_named[0].label}: kohya module names such as {next(iter(kohya_named[0].modules))} "
-                    "are flattened paths that a PEFT adapter cannot target; write a kohya file "
-                    "(an output ending in .safetensors)", AdapterError)
-    if fmt == "kohya":
-        owner: dict[str, str] = {}
-        for e in entries:
-            if e.first.kind == "embedding":
-                problem(f"{e.name}: embedding LoRA has no kohya representation; use the PEFT format")
-                continue
-            k = kohya_name(e.name, kohya_prefix)
-            if k in owner:
-                problem(f"modules {owner[k]} and {e.name} both map to the kohya name {k}")
-            owner[k] = e.name
-        for ad in opened:
-            for key in ad.passthrough:
-                problem(f"{ad.label}: {key}: full base weights (saved by PEFT with an embedding or lm_head "
-                        "LoRA) have no kohya representation; use the PEFT format")
+    fmt.check_plan(entries, opened, output is not None, problem)
     if output is not None:
         checked(check_output, Path(output), fmt, [s for s in sources if s is not None], overwrite)
     plan = MergePlan(adapters=opened, weights=w, rank=rank, method=method, params=params, dtype=cdtype,
                      device=dev, format=fmt, output=None if output is None else Path(output), overwrite=overwrite,
-                     kohya_prefix=kohya_prefix, max_group_bytes=max_group_bytes,
+                     max_group_bytes=max_group_bytes,
                      engine=dict(beta=beta, scale=scale, stop=stop, tol=tol, max_iter=max_iter),
                      modules=entries, problems=problem.found, notes=notes, sources=sources,
                      names=[_name(adapters[i], ad) for i, ad in zip(kept, opened)], threads=nthreads,

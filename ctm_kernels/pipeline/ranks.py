@@ -2,15 +2,12 @@
 
 Everything the pipeline shares between ranks goes through :class:`Ranks` (which groups each
 rank merges, one object broadcast from rank 0, every rank's object gathered on all ranks)
-and :func:`relay` (an error on one rank raised on every rank); :class:`process_group` sets up
-the group for ``torchrun -m ctm_kernels``. No other module touches ``torch.distributed``.
-
-torch is imported only when a group is used, so the command line can import this module
-for :func:`launched_ranks` and still answer ``--help`` without torch.
+and :func:`relay` (an error on one rank raised on every rank); :mod:`.launch` sets up the group
+for ``torchrun -m ctm_kernels``. No other module touches ``torch.distributed``.
 """
 from __future__ import annotations
 
-import os
+import torch.distributed as dist
 
 
 class Ranks:
@@ -29,7 +26,6 @@ class Ranks:
             raise ValueError(f"distributed must be None, True or False, got {distributed!r}")
         if distributed is False:
             return cls()
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             return cls(dist) if dist.get_world_size() > 1 else cls()
         if distributed:
@@ -83,48 +79,3 @@ def relay(failures: list, own: BaseException | None) -> None:
         if f is not None:
             kind, msg = f
             raise (ValueError if kind == "value" else RuntimeError)(f"rank {r}: {msg}")
-
-
-def launched_ranks() -> tuple[int, int]:
-    """``(rank, world size)`` set by torchrun (``(0, 1)`` otherwise)."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 0, 1
-
-
-class process_group:
-    """Under torchrun (WORLD_SIZE > 1) and no process group yet: create one for the merge
-    (nccl for a CUDA merge, each rank on the GPU of its LOCAL_RANK; gloo otherwise) and destroy
-    it afterwards. Yields ``(rank, device)``."""
-
-    def __init__(self, device):
-        self.device = device
-        self.created = False
-
-    def __enter__(self):
-        rank, world = launched_ranks()
-        if world <= 1:
-            return 0, self.device
-        import torch
-        import torch.distributed as dist
-
-        from .plan import check_device
-
-        device = check_device(self.device)          # a missing CUDA fails here, before any rendezvous
-        if dist.is_initialized():
-            return dist.get_rank(), device
-        if device is not None and device.type == "cuda":
-            if device.index is None:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        self.created = True
-        return dist.get_rank(), device
-
-    def __exit__(self, *exc):
-        if self.created:
-            import torch.distributed as dist
-            dist.destroy_process_group()

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import torch
 
-from ..io import AdapterError, LazyTensor, MergedModule, kohya_tensors, merged_config, peft_tensors
+from ..io import AdapterError, LazyTensor, MergedModule, merged_config
+from ..io.formats import OutputFormat, output_format
 from ..io.kohya import DEFAULT_PREFIX
-from .plan import MergePlan, output_format
+from .config import resolved_config
+from .destination import check_output
+from .plan import MergePlan
+from .write import Output
 
 
 @dataclass
@@ -111,46 +115,27 @@ class MergeResult:
             out[key] = LazyTensor(st.dtype(key), st.shape(key), load)
         return out
 
-    def tensors_of(self, format: str, kohya_prefix: str = DEFAULT_PREFIX):
-        """Merged modules -> their named tensors in ``format``."""
-        if format == "peft":
-            return peft_tensors
-        return lambda mods: kohya_tensors(mods, kohya_prefix)
+    def _tensors(self, fmt: OutputFormat) -> dict:
+        """Every tensor of the output in ``fmt``, the inputs' base tensors lazy."""
+        return fmt.with_passthrough(fmt.tensors(self.modules), self.passthrough())
 
     def state_dict(self, format: str = "peft", *, kohya_prefix: str = DEFAULT_PREFIX) -> dict[str, torch.Tensor]:
         """The merged adapter's tensors as PEFT (``base_model.model.<module>.lora_A.weight``...)
         or kohya (``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``) keys."""
         self._check_in_memory()
-        format = output_format(None, format)
-        out = dict(self.tensors_of(format, kohya_prefix)(self.modules))
-        if format == "peft":
-            out.update({k: v.load() for k, v in self.passthrough().items()})
-        elif self.passthrough():
-            raise ValueError(f"{next(iter(self.passthrough()))}: full base weights (saved by PEFT with an "
-                             "embedding or lm_head LoRA) have no kohya representation; use the PEFT format")
-        return out
+        out = self._tensors(output_format(None, format, kohya_prefix))
+        return {k: v.load() if isinstance(v, LazyTensor) else v for k, v in out.items()}
 
     def metadata(self) -> dict[str, str]:
         return {"ctm_method": self.method, "ctm_rank": str(self.rank),
                 "ctm_params": ",".join(f"{k}={v}" for k, v in sorted(self.params.items())),
                 "ctm_adapters": str(len(self.adapters))}
 
-    def output_spec(self, dest: Path, format: str, overwrite: bool, kohya_prefix: str = DEFAULT_PREFIX):
-        """The :class:`~.write.Output` that writes this result to ``dest``."""
-        from .config import resolved_config
-        from .write import Output
-
-        tensors_of = self.tensors_of(format, kohya_prefix)
-        layout = dict(tensors_of(self.modules))
-        resolved = resolved_config(self.plan, format=format, kohya_prefix=kohya_prefix)
-        if format == "peft":
-            layout.update(self.passthrough())
-            meta = {"format": "pt", **self.metadata()}
-        else:
-            meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.plan.out_rank),
-                    "ss_network_alpha": str(self.plan.out_rank), **self.metadata(), "ctm_config": resolved}
-        return Output(dest, format, overwrite, layout, tensors_of, meta,
-                      self.config() if format == "peft" else None, resolved)
+    def output_spec(self, dest: Path, fmt: OutputFormat, overwrite: bool) -> Output:
+        """The :class:`~.write.Output` that writes this result to ``dest`` in ``fmt``."""
+        resolved = resolved_config(self.plan, fmt)
+        return Output(dest, fmt, overwrite, self._tensors(fmt), fmt.metadata(self.metadata(), self.plan.out_rank, resolved),
+                      self.config, resolved)
 
     def save(self, path: str | os.PathLike, format: str | None = None, *, overwrite: bool = False,
              kohya_prefix: str = DEFAULT_PREFIX) -> Path:
@@ -159,14 +144,12 @@ class MergeResult:
         the whole output was written. The bytes are those ``merge(..., output=path)`` writes, and
         the same checks apply (never over or inside an input; ``overwrite`` replaces only a
         previous ctm output)."""
-        from .write import check_output
-
         self._check_in_memory()
         dest = Path(path)
-        format = output_format(dest, format)
-        state = self.state_dict(format, kohya_prefix=kohya_prefix)
-        check_output(dest, format, [s for s in self.plan.sources if s is not None], overwrite)
-        return self.output_spec(dest, format, overwrite, kohya_prefix).save(state)
+        fmt = output_format(dest, format, kohya_prefix)
+        state = self.state_dict(fmt.name, kohya_prefix=kohya_prefix)
+        check_output(dest, fmt, [s for s in self.plan.sources if s is not None], overwrite)
+        return self.output_spec(dest, fmt, overwrite).save(state)
 
     # -- report ---------------------------------------------------------------------------------
 

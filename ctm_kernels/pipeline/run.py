@@ -88,15 +88,15 @@ def execute(plan: MergePlan, *, progress=False, prefetch: bool = True, distribut
     result = MergeResult(modules=[_skeleton(e, plan.dtype) for e in plan.modules], rank=plan.rank,
                          method=plan.method, params=plan.params, adapters=list(plan.names) or [a.label for a in plan.adapters],
                          energy_kept=[], seconds=0.0, plan=plan, output=plan.output,
-                         format=None if plan.output is None else plan.format)
+                         format=None if plan.output is None else plan.format.name)
 
     def run(emit):
         return _run_groups(plan, order, ranks, progress, prefetch, emit)
 
     if plan.output is not None:
-        out = result.output_spec(plan.output, plan.format, plan.overwrite, plan.kohya_prefix)
+        out = result.output_spec(plan.output, plan.format, plan.overwrite)
         skeletons = {mm.name: mm for mm in result.modules}
-        mine = [k for gi in order for e in plan.groups[gi] for k in out.tensors_of([skeletons[e.name]])]
+        mine = [k for gi in order for e in plan.groups[gi] for k in plan.format.tensors([skeletons[e.name]])]
         infos, all_stats = out.stream(ranks, run, mine)
         for mm in result.modules:
             mm.info = infos[mm.name]
