@@ -44,8 +44,8 @@ from .ops import gram as gram_op
 from .ops import lift as lift_op
 from .ops import project as project_op
 from .ops import topr as topr_op
-from .reference import (DEFAULT_TOL, ENERGY_WINDOW, NULL_RTOL, STOP_TESTS, canonical_signs, energy_left,
-                        sin_angle, subspace_weights)
+from .reference import (DEFAULT_TOL, ENERGY_WINDOW, FLAT_SHARE, FLAT_SWEEPS, NULL_RTOL, STOP_TESTS, canonical_signs,
+                        energy_left, sin_angle, subspace_weights)
 from .reference import balanced_factors as ref_balanced_factors
 from .reference import dense_updates as ref_dense_updates
 from .reference import tucker2 as ref_tucker2
@@ -111,7 +111,10 @@ class SolverSettings:
     * ``hint_solves``: a side's own step count replaces ``warm_steps`` after this many
       factored half-steps in a row (a single quick solve sent later ones factored, which then
       needed 5-13 steps and turned dense after 3: about 1.4 s lost at 2048^2, T = 512).
-    * ``factored_guard``: extra columns of the factored solver's block."""
+    * ``factored_guard``: extra columns of the factored solver's block.
+
+    ``flat_sweeps``, ``flat_share``: the energy test's flat end (``reference.FLAT_SWEEPS``,
+    ``FLAT_SHARE``)."""
     anderson_depth: int = 10
     restart_growth: float = 2.0
     stall_sweeps: int = 30
@@ -128,10 +131,12 @@ class SolverSettings:
     hint_solves: int = 2
     forced_steps: int = 500
     factored_guard: int = topr_op.GUARD
+    flat_sweeps: int = FLAT_SWEEPS
+    flat_share: float = FLAT_SHARE
 
     def __post_init__(self):
         counts = ("anderson_depth", "stall_sweeps", "gate_window", "max_degree", "warm_steps", "cold_steps",
-                  "hint_solves", "forced_steps")
+                  "hint_solves", "forced_steps", "flat_sweeps")
         for name in counts:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -144,6 +149,8 @@ class SolverSettings:
         for name in ("monotone_slack", "gate_drift"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"SolverSettings.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.flat_share <= 1:
+            raise ValueError(f"SolverSettings.flat_share must be in (0, 1], got {self.flat_share!r}")
         if not 0 < self.inner_damping < 1:
             raise ValueError(f"SolverSettings.inner_damping must be in (0, 1), got {self.inner_damping!r}")
         if self.exact_route not in ("auto", "dense", "factored"):
@@ -568,7 +575,7 @@ class Subspace:
     iterations: list[int]
     converged: list[bool]
     last_step: list[float]
-    stopped_by: list[str]    # per layer: "energy", "subspace" or "max_iter"
+    stopped_by: list[str]    # per layer: "energy", "flat", "subspace" or "max_iter"
     objective: list[float]   # per layer: sum_t c_t^2 ||U^T dW_t V||^2 at the answer
 
 
@@ -656,20 +663,26 @@ class _EnergyTest:
     energy back and forth while the total has settled (gaussian 2048^2, T=8: 72 sweeps against
     43 for the total, both within 1e-6 of the converged total).
 
-    Holds, per layer, the relative objective gains and the signed relative changes of the total
-    energy kept over the last ``ENERGY_WINDOW`` sweeps (newest last) and that total."""
+    A layer whose gain and total-energy change have both stayed at most ``flat_share * tol`` for
+    ``flat_sweeps`` sweeps in a row without passing is flat (``reference.FLAT_SWEEPS``).
 
-    def __init__(self, nu2, tol):
+    Holds, per layer, the relative objective gains and the signed relative changes of the total
+    energy kept over the last ``ENERGY_WINDOW`` sweeps (newest last), that total, and the
+    sweeps in a row with both at most ``flat_share * tol``."""
+
+    def __init__(self, nu2, tol, settings):
         L, dev = nu2.shape[0], nu2.device
-        self.nu2, self.tol = nu2, tol                               # [L, T]: ||dW_t||^2 (weighted by c_t = 1)
+        self.nu2, self.tol = nu2, tol                                      # nu2 [L, T]: ||dW_t||^2
+        self.flat_sweeps, self.flat_below = settings.flat_sweeps, settings.flat_share * tol
         self.gains = torch.full((L, ENERGY_WINDOW), math.nan, dtype=SOLVE_DTYPE, device=dev)
         self.moves = self.gains.clone()
         self.kept = torch.full((L,), math.nan, dtype=SOLVE_DTYPE, device=dev)
+        self.flat_run = torch.zeros(L, dtype=torch.long, device=dev)
 
     def passes(self, f_old, f_new, half, U1, V1, active):
-        """``[L]``: the layers in ``active`` whose objective went from ``f_old`` to ``f_new`` in
-        this sweep, at the images ``(U1, V1)``, and that pass the test (``half``: the
-        half-steps, whose operands give each adapter's energy)."""
+        """For the layers in ``active`` whose objective went from ``f_old`` to ``f_new`` in this
+        sweep, at the images ``(U1, V1)`` (``half``: the half-steps, whose operands give each
+        adapter's energy): ``[L]`` those that pass the test and ``[L]`` those that are flat."""
         gain = ((f_new - f_old) / f_new.abs().clamp(min=1e-300)).clamp(min=0)
         energies = _on(active, lambda Rb, Ra, V, U: adapter_energies(Rb, Ra, V, U, half.T),
                        half.ops["b"], half.ops["a"], V1, U1)                          # [L, T]
@@ -678,7 +691,10 @@ class _EnergyTest:
         roll = lambda H, x: torch.where(active[:, None], torch.cat([H[:, 1:], x[:, None]], 1), H)   # noqa: E731
         self.gains, self.moves = roll(self.gains, gain), roll(self.moves, move)
         self.kept = torch.where(active, kept, self.kept)
-        return active & (torch.maximum(energy_left(self.gains), energy_left(self.moves)) <= self.tol)
+        passed = active & (torch.maximum(energy_left(self.gains), energy_left(self.moves)) <= self.tol)
+        small = (gain <= self.flat_below) & (move.abs() <= self.flat_below)
+        self.flat_run = torch.where(active, torch.where(small, self.flat_run + 1, 0), self.flat_run)
+        return passed, active & ~passed & (self.flat_run >= self.flat_sweeps)
 
 
 class _Acceleration:
@@ -802,7 +818,7 @@ class _HOOISolve:
         self.done = torch.zeros(L, dtype=torch.bool, device=dev)
         self.stopped_by = ["max_iter"] * L
         self.steps = torch.full((L,), math.inf, dtype=SOLVE_DTYPE, device=dev)
-        self.energy = _EnergyTest((side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0), tol)
+        self.energy = _EnergyTest((side_b.blocks * side_a.blocks).sum((-2, -1)).clamp(min=0), tol, settings)
         self.acc = _Acceleration(L, dev, settings) if accelerate else None
         self.settings = settings
 
@@ -841,16 +857,19 @@ class _HOOISolve:
         self.steps = torch.where(active, step, self.steps)
         if self.accelerate:
             opening = self.acc.after_sweep(step, grew, from_plain, active)
+        flat = torch.zeros_like(active)
         if self.stop == "subspace":
             stop_now = active & (step <= self.tol)
         else:
-            stop_now = self.energy.passes(self.f, fb, self.half, U1, V1, active)
+            stop_now, flat = self.energy.passes(self.f, fb, self.half, U1, V1, active)
         self.f = torch.where(active, fb, self.f)
         self.U = torch.where(active[:, None, None], U1, self.U)
         self.V = torch.where(active[:, None, None], V1, self.V)
         for l in stop_now.nonzero().squeeze(1).tolist():
             self.stopped_by[l] = self.stop
-        self.done |= stop_now
+        for l in flat.nonzero().squeeze(1).tolist():
+            self.stopped_by[l] = "flat"
+        self.done |= stop_now | flat
         self.x = self.acc.next_point(self.x, self.V, self.steps, self.done, opening) if self.accelerate else self.V
 
     def result(self, side_b, side_a) -> Subspace:

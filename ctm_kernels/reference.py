@@ -53,7 +53,7 @@ class Tucker2:
     iterations: int
     converged: bool
     last_step: float = float("nan")   # sine of the last step
-    stopped_by: str = "max_iter"      # "energy", "subspace" or "max_iter"
+    stopped_by: str = "max_iter"      # "energy", "flat", "subspace" or "max_iter"
     objective: float = float("nan")   # sum_t ||U^T X_t V||^2
 
 
@@ -65,6 +65,15 @@ DEFAULT_TOL = {"energy": 1e-6, "subspace": 1e-4}
 ENERGY_WINDOW = 3        # gains the energy test looks back on (two ratios)
 ENERGY_ROUNDING = 1e-13  # relative gains below this, twice in a row, are float64 rounding
 REVERSAL_FACTOR = 10.0   # a damped swing of ratio up to 0.9 moves at most 10x its largest change
+# The energy test's "flat" end: a layer whose objective gain and total-energy change have both
+# stayed at most FLAT_SHARE * tol (relative) for FLAT_SWEEPS sweeps in a row, while the window
+# cannot tell what is left (the changes do not shrink), stops with stopped_by="flat". Such an
+# objective rises by at most tol / 2 a sweep: a saddle plateau (gaussian 2048^2, T = 128:
+# 1.2e-7 a sweep for 250 sweeps, then an escape worth 8e-5) or a crawl with a contraction near
+# 1. Chosen on the 3000 agreement sets (docs/DESIGN.md section 8): 10 sweeps at tol ended 64
+# sets flat and 5.3e-3 short at worst; 20 at tol / 2 end 20, at worst 8.8e-4 short.
+FLAT_SWEEPS = 20
+FLAT_SHARE = 0.5
 
 
 def energy_left(changes: torch.Tensor) -> torch.Tensor:
@@ -110,7 +119,7 @@ def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int 
     (relative) left to gain and the total energy kept, ``sum_t kept_t nu_t^2 / sum_t nu_t^2``
     with ``kept_t`` from :func:`energy_kept` and ``nu = norms`` (``||dW_t||`` of the unweighted
     updates; by default the norms of ``X``'s slices), will move by less than ``tol`` (relative;
-    default 1e-6)."""
+    default 1e-6); it also ends a flat layer (``FLAT_SWEEPS``, ``stopped_by="flat"``)."""
     if stop not in STOP_TESTS:
         raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
     tol = DEFAULT_TOL[stop] if tol is None else tol
@@ -121,7 +130,7 @@ def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int 
     moves = gains.clone()                                            # signed changes of the total energy kept
     nu2 = (X.square().sum((-2, -1)) if norms is None else norms.to(X.dtype).square())
     total = lambda kept: float((kept * nu2).sum() / nu2.sum().clamp(min=1e-300))   # noqa: E731
-    it, step, f = 0, float("nan"), float("nan")
+    it, step, f, flat_run = 0, float("nan"), float("nan"), 0
     for it in range(1, max_iter + 1):
         XV = X @ V                                              # [T, m, r]
         U1 = top_eigvecs(torch.einsum("tmr,tkr->mk", XV, XV), rank)[1]
@@ -140,6 +149,10 @@ def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int 
             f_prev, kept_prev = f, kept
             if float(torch.maximum(energy_left(gains), energy_left(moves))) <= tol:
                 return Tucker2(U, V, it, True, step, "energy", f)
+            small = FLAT_SHARE * tol
+            flat_run = flat_run + 1 if float(gains[-1]) <= small and abs(float(moves[-1])) <= small else 0
+            if flat_run >= FLAT_SWEEPS:
+                return Tucker2(U, V, it, True, step, "flat", f)
     return Tucker2(U, V, it, False, step, "max_iter", f)
 
 
