@@ -52,11 +52,12 @@ class Config:
     limit_val: int | None = None       # examples per task (None: the whole split)
     limit_test: int | None = None
     interference: bool = True
+    result_energy: bool = True         # energy kept by each merged result (36 SVDs per row)
 
 
 FULL = Config()
-QUICK = replace(FULL, ranks=(16,), methods=("ctm", "mtc"), rules=("sum", "ties"), lambdas=(0.25, 0.5, 1.0, 2.0),
-                top_ks=(0.3,), limit_val=25, limit_test=50, interference=False)
+QUICK = replace(FULL, ranks=(16,), methods=("ctm", "mtc"), rules=("sum", "ties"), lambdas=(0.125, 0.25, 0.5, 1.0),
+                top_ks=(0.3,), limit_val=25, limit_test=50, interference=False, result_energy=False)
 # The CtM paper's search: beta {0, .25, .5, .75} for CtM, lambda 0..2 step 0.025, top-K 5-100%, DARE p.
 PAPER = replace(FULL, lambdas=tuple(round(0.025 * k, 3) for k in range(1, 81)),
                 top_ks=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), dare_ps=(0.1, 0.3, 0.5, 0.7),
@@ -128,7 +129,9 @@ def check_manifest(zoo: minilm.Zoo, ev: minilm.Evaluator, quick: bool) -> list[d
     return rows
 
 
-def run_seed(seed: int, cfg: Config, tok, base, log=print) -> dict:
+def run_seed(seed: int, cfg: Config, tok, base, log=print, partial: Path | None = None) -> dict:
+    """Merges one seed's zoo with every (rank, rule, method) of ``cfg``; with ``partial``, the
+    results so far are written there after every row (``"complete": false`` until the end)."""
     t_start = time.perf_counter()
     zoo = minilm.load_zoo(minilm.zoo_dir(seed))
     data = minilm.load_data(tok, zoo.config, {"train": 0, "val": cfg.limit_val, "test": cfg.limit_test})
@@ -143,6 +146,18 @@ def run_seed(seed: int, cfg: Config, tok, base, log=print) -> dict:
            "individual_val_acc": ev.individual["val"], "manifest_check": checks,
            "lambda0_test_norm": ev.normalised(zero, "test"), "results": [], "skipped": []}
     log(f"seed {seed}: adapters " + ", ".join(f"{c['task']} {c['measured']:.1f}" for c in checks))
+    out["spectrum"] = spectrum_stats(layers)
+    out["norms"] = [sum(float(d[t].norm()) ** 2 for d in merger.dense) ** 0.5 for t in range(len(names))]
+    out["subspaces"] = []
+    for rank in cfg.ranks:
+        if "ctm" not in cfg.methods:
+            continue
+        plans = merger.plans(rank, 0.0)
+        ctm_kept = [p.info.energy_kept for p in plans]
+        mtc_sum = [energy_kept(d, *singular_subspaces(d.sum(0), rank)).tolist() for d in merger.dense]
+        out["subspaces"].append({"rank": rank, "energy_kept_ctm": [sum(c) / len(c) for c in zip(*ctm_kept)],
+                                 "energy_kept_mtc_sum": [sum(c) / len(c) for c in zip(*mtc_sum)],
+                                 "iterations": [p.info.iterations for p in plans]})
     for rank in cfg.ranks:
         for rule in cfg.rules:
             hint = None
@@ -170,7 +185,7 @@ def run_seed(seed: int, cfg: Config, tok, base, log=print) -> dict:
                 test = ev.accuracies(dict(zip(zoo.config.lora_layers, merged)), "test", lam)
                 norm = ev.normalised(test, "test")
                 kept = None
-                if r is not None:
+                if r is not None and cfg.result_energy:
                     per_layer = [kept_by_result(d, M.double(), r) for d, M in zip(merger.dense, merged)]
                     kept = [sum(col) / len(col) for col in zip(*per_layer)]
                 row = {"rank": r, "method": method, "rule": rule, "lambda": lam, "val_norm_avg": score,
@@ -178,24 +193,15 @@ def run_seed(seed: int, cfg: Config, tok, base, log=print) -> dict:
                        "test_norm": norm, "test_norm_avg": sum(norm) / len(norm), "energy_kept_result": kept,
                        "seconds": time.perf_counter() - t0}
                 out["results"].append(row)
+                if partial is not None:
+                    write_json(partial, {**out, "complete": False})
                 log(f"  rank {str(r):4s} {method:8s} {rule:9s} norm. acc {row['test_norm_avg']:6.1f} "
                     f"(lambda {lam:g}, {row['params']}, {row['seconds']:.0f} s)")
-    out["subspaces"] = []
-    for rank in cfg.ranks:
-        if "ctm" not in cfg.methods:
-            continue
-        plans = merger.plans(rank, 0.0)
-        ctm_kept = [p.info.energy_kept for p in plans]
-        mtc_sum = [energy_kept(d, *singular_subspaces(d.sum(0), rank)).tolist() for d in merger.dense]
-        out["subspaces"].append({"rank": rank, "energy_kept_ctm": [sum(c) / len(c) for c in zip(*ctm_kept)],
-                                 "energy_kept_mtc_sum": [sum(c) / len(c) for c in zip(*mtc_sum)],
-                                 "iterations": [p.info.iterations for p in plans]})
     if cfg.interference:
         out["interference"] = interference(zoo, ev)
-    out["spectrum"] = spectrum_stats(layers)
-    out["norms"] = [sum(float(d[t].norm()) ** 2 for d in merger.dense) ** 0.5 for t in range(len(names))]
     out["evaluations"] = ev.evaluations
     out["seconds"] = time.perf_counter() - t_start
+    out["complete"] = True
     return out
 
 
@@ -220,28 +226,31 @@ def summarise(outs: list[dict], cfg: Config) -> dict:
         for rule in cfg.rules:
             for method in cfg.methods:
                 r = rank if method in RANKED else None
-                got = [find(o, method, rule, r) for o in outs]
-                if not all(got):
+                got = [g for g in (find(o, method, rule, r) for o in outs) if g is not None]
+                if not got:
                     continue
+                seeds_with = [o["seed"] for o in outs if find(o, method, rule, r) is not None]
                 vals = [g["test_norm_avg"] for g in got]
                 T = len(got[0]["test_norm"])
-                rows.append({"rank": rank, "rule": rule, "method": method, "per_seed": vals,
+                rows.append({"rank": rank, "rule": rule, "method": method, "per_seed": vals, "seeds": seeds_with,
                              "mean": sum(vals) / len(vals), "spread": max(vals) - min(vals),
                              "per_task": [sum(g["test_norm"][t] for g in got) / len(got) for t in range(T)],
                              "energy_kept": None if got[0]["energy_kept_result"] is None else
                              [sum(g["energy_kept_result"][t] for g in got) / len(got) for t in range(T)],
                              "lambdas": [g["lambda"] for g in got], "params": [g["params"] for g in got]})
-            pick = lambda m: next((x["per_seed"] for x in rows if x["rank"] == rank and x["rule"] == rule
-                                   and x["method"] == m), None)
+            pick = lambda m: next(({s: v for s, v in zip(x["seeds"], x["per_seed"])} for x in rows
+                                   if x["rank"] == rank and x["rule"] == rule and x["method"] == m), None)
             ctm = pick("ctm")
             if ctm is None:
                 continue
             row = {"rank": rank, "rule": rule}
             for other_name in ("mtc", "core_mtc", "full"):
                 other = pick(other_name)
-                if other is not None:
-                    d = [c - o for c, o in zip(ctm, other)]
-                    row[other_name] = {"diff": d, "mean": sum(d) / len(d), "won": sum(x > 0 for x in d)}
+                both = [s for s in ctm if other is not None and s in other]
+                if both:
+                    d = [ctm[s] - other[s] for s in both]
+                    row[other_name] = {"diff": d, "seeds": both, "mean": sum(d) / len(d),
+                                       "won": sum(x > 0 for x in d)}
             wins.append(row)
     return {"rows": rows, "wins": wins}
 
@@ -292,10 +301,12 @@ def to_markdown(outs, summary, cfg: Config, meta, seconds) -> str:
             for method in cfg.methods:
                 x = next((x for x in summary["rows"] if x["rank"] == rank and x["rule"] == rule
                           and x["method"] == method), None)
-                cells.append(f"{x['mean']:.1f} ± {x['spread']:.1f}" if x else "n/a")
+                few = "" if x is None or len(x["seeds"]) == n else f" (seeds {x['seeds']})"
+                cells.append(f"{x['mean']:.1f} ± {x['spread']:.1f}{few}" if x else "n/a")
             w = next((w for w in summary["wins"] if w["rank"] == rank and w["rule"] == rule), {})
             for other in ("mtc", "core_mtc"):
-                cells.append(f"{w[other]['mean']:+.1f} ({w[other]['won']}/{n})" if other in w else "n/a")
+                cells.append(f"{w[other]['mean']:+.1f} ({w[other]['won']}/{len(w[other]['seeds'])})"
+                             if other in w else "n/a")
             body.append([rule] + cells)
         lines += [f"## Rank {rank}", "", "Average normalised accuracy:", "",
                   markdown_table(["rule"] + [m + (" (no rank limit)" if m == "full" else "") for m in cfg.methods] +
@@ -311,7 +322,7 @@ def to_markdown(outs, summary, cfg: Config, meta, seconds) -> str:
                                                             x["mean"]])
         lines += ["Per task (normalised, mean over the seeds):", "",
                   markdown_table(["rule / method"] + short + ["avg"], per_task), ""]
-        subs = [s for o in outs for s in o["subspaces"] if s["rank"] == rank]
+        subs = [s for o in outs for s in o.get("subspaces", []) if s["rank"] == rank]
         if subs:
             ctm = [sum(s["energy_kept_ctm"][t] for s in subs) / len(subs) for t in range(len(names))]
             mtc = [sum(s["energy_kept_mtc_sum"][t] for s in subs) / len(subs) for t in range(len(names))]
@@ -339,9 +350,16 @@ def main(argv=None) -> dict:
                         "<out>/quality_minilm_seeds/seed<k>_<protocol>.json where a previous run wrote them")
     parser.add_argument("--only-seeds", action="store_true", help="merge the seeds and write their files, "
                         "not the tables (run the seeds in separate processes, then once more with --reuse)")
+    parser.add_argument("--methods", nargs="+", help="override the methods (e.g. ctm ctm_b1 mtc: beta 1 beside 0)")
+    parser.add_argument("--rules", nargs="+", help="override the rules")
+    parser.add_argument("--ranks", type=int, nargs="+", help="override the ranks")
+    parser.add_argument("--tag", default="", help="suffix of the output files (runs with overrides)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else (PAPER if args.protocol == "paper" else FULL)
+    for name in ("methods", "rules", "ranks"):
+        if getattr(args, name):
+            cfg = replace(cfg, **{name: tuple(getattr(args, name))})
     if args.quick and args.protocol == "paper":
         cfg = replace(PAPER, ranks=QUICK.ranks, methods=QUICK.methods, rules=QUICK.rules, limit_val=25,
                       limit_test=50, interference=False, top_ks=(0.3,), betas=(0.0, 0.5))
@@ -351,12 +369,12 @@ def main(argv=None) -> dict:
     tok, base = minilm.load_base()
     outs = []
     for s in seeds:
-        cached = args.out / "quality_minilm_seeds" / f"seed{s}_{cfg.protocol}.json"
+        cached = args.out / "quality_minilm_seeds" / f"seed{s}_{cfg.protocol}{args.tag}.json"
         if args.reuse and not args.quick and cached.is_file():
             outs.append(json.loads(cached.read_text()))
-            print(f"seed {s}: reused {cached}")
+            print(f"seed {s}: reused {cached}" + ("" if outs[-1].get("complete", True) else " (partial)"))
             continue
-        outs.append(run_seed(s, cfg, tok, base))
+        outs.append(run_seed(s, cfg, tok, base, partial=None if args.quick else cached))
         if not args.quick:
             write_json(cached, outs[-1])
     if args.only_seeds:
@@ -366,7 +384,7 @@ def main(argv=None) -> dict:
     meta = metadata()
     # a run from an exported tree (no .git) names the commit it was exported from
     meta["commit"] = os.environ.get("CTM_SOURCE_COMMIT", meta["commit"])
-    stem = "quality_minilm" + ("_paper" if cfg.protocol == "paper" else "") + ("_quick" if args.quick else "")
+    stem = "quality_minilm" + ("_paper" if cfg.protocol == "paper" else "") + ("_quick" if args.quick else "") + args.tag
     write_json(args.out / f"{stem}.json", {"meta": meta, "config": asdict(cfg), "seconds": seconds,
                                            "seeds": outs, "summary": summary})
     (args.out / f"{stem}.md").write_text(to_markdown(outs, summary, cfg, meta, seconds))
