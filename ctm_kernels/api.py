@@ -6,8 +6,8 @@ module group through read -> merge -> write once.
 """
 from __future__ import annotations
 
+import inspect
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,40 +15,26 @@ from typing import Callable, Sequence
 import torch
 
 from .io import Adapter, AdapterError, open_adapter
-from .io.kohya import DEFAULT_PREFIX
 from .io.peft import CONFIG_NAME, WEIGHTS_NAME
-from .io.stream import SafetensorsStore
-from .pipeline.plan import DEFAULT_GROUP_BYTES, DTYPES, MergePlan, make_plan
+from .io.safetensors_io import SafetensorsStore
+from .options import MERGE
+from .pipeline.plan import MergePlan, make_plan
 from .pipeline.run import execute
 from .pipeline.result import MergeResult, MergeStats
 from .threads import using_threads
 
-__all__ = ["merge", "plan_merge", "inspect_adapter", "MergeResult", "MergeStats", "MergePlan",
-           "DEFAULT_GROUP_BYTES", "DTYPES"]
+__all__ = ["merge", "plan_merge", "inspect_adapter", "MergeResult", "MergeStats", "MergePlan"]
 
 
-def plan_merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta: float = 0.0,
-               scale: float = 1.0, stop: str = "energy", tol: float | None = None, max_iter: int = 1000,
-               device=None, dtype=None,
-               max_group_bytes: int = DEFAULT_GROUP_BYTES, output: str | os.PathLike | None = None,
-               format: str | None = None, overwrite: bool = False, kohya_prefix: str = DEFAULT_PREFIX,
-               threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergePlan:
+def plan_merge(adapters: Sequence, **settings) -> MergePlan:
     """What :func:`merge` with the same arguments would do, without reading a factor: modules,
     groups, rank per module, which adapters adapt which modules, estimated memory and time,
     and every problem found (``plan.problems``; :meth:`MergePlan.describe` prints it all)."""
-    return make_plan(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, stop=stop,
-                     tol=tol, max_iter=max_iter, device=device, dtype=dtype, max_group_bytes=max_group_bytes,
-                     output=output, format=format, overwrite=overwrite, kohya_prefix=kohya_prefix, strict=False,
-                     threads=threads, pad_rank=pad_rank, **rule_params)
+    return make_plan(adapters, strict=False, **settings)
 
 
-def merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta: float = 0.0,
-          scale: float = 1.0, stop: str = "energy", tol: float | None = None, max_iter: int = 1000,
-          device=None, dtype=None,
-          max_group_bytes: int = DEFAULT_GROUP_BYTES, progress: bool | Callable | None = False,
-          output: str | os.PathLike | None = None, format: str | None = None, overwrite: bool = False,
-          kohya_prefix: str = DEFAULT_PREFIX, prefetch: bool = True, distributed: bool | None = None,
-          threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergeResult:
+def merge(adapters: Sequence, *, progress: bool | Callable | None = False, prefetch: bool = True,
+          distributed: bool | None = None, **settings) -> MergeResult:
     """Merge whole LoRA adapters into one LoRA of rank ``rank`` with Compress-then-Merge.
 
     ``adapters``: paths (PEFT folders, kohya ``.safetensors``), Hugging Face Hub ids
@@ -84,12 +70,16 @@ def merge(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta:
     Bad input raises ``ValueError`` naming the file and key, before any factor is read where
     the headers and configs suffice."""
     t0 = time.perf_counter()
-    plan = make_plan(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, stop=stop,
-                     tol=tol, max_iter=max_iter, device=device, dtype=dtype, max_group_bytes=max_group_bytes,
-                     output=output, format=format, overwrite=overwrite, kohya_prefix=kohya_prefix, strict=True,
-                     threads=threads, pad_rank=pad_rank, **rule_params)
-    with using_threads(plan.threads):
+    plan = make_plan(adapters, strict=True, **settings)
+    with using_threads(plan.settings.threads):
         return execute(plan, progress=progress, prefetch=prefetch, distributed=distributed, started=t0)
+
+
+_ADAPTERS = [inspect.Parameter("adapters", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Sequence")]
+plan_merge.__signature__ = MERGE.signature(_ADAPTERS)
+merge.__signature__ = MERGE.signature(_ADAPTERS, [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+    for name, default in (("progress", False), ("prefetch", True), ("distributed", None))])
 
 
 def inspect_adapter(source, *, check_values: bool = True) -> dict:

@@ -16,36 +16,20 @@ torch is imported only once a command runs, so ``ctm --help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import signal
 import sys
 import threading
 import traceback
+from contextlib import contextmanager
 
-from . import __version__
+from . import __version__, options
+from .options import SettingError, suggest
 from .pipeline.config import load_config
 from .pipeline.launch import launched_ranks, process_group
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
-
-# Kept here so that the parser needs no torch; tests check them against the registry and the
-# pipeline (ctm_kernels.RULES, pipeline.plan.DTYPES, DEFAULT_GROUP_BYTES, io.kohya.DEFAULT_PREFIX).
-METHODS = ("sum", "mean", "ties", "dare", "dare_ties", "tsv", "iso_c", "iso_cts")
-DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64")
-DEFAULT_GROUP_MB = 256
-DEFAULT_KOHYA_PREFIX = "lora_unet"
-# Threads per process when --threads is not given: chosen at run time from the cores this
-# process may use, less the busy ones (ctm_kernels.threads.default_threads; docs/THREADS.md).
-DEFAULT_THREADS = "auto"
-
-# the rules' parameter defaults, for the help (a test checks them against ctm_kernels.RULES)
-RULE_DEFAULTS = {"top_k": 0.2, "p": 0.5, "seed": 0, "normalize": True}
-# defaults shown in help and applied after a --config file (None in the parser: "not given")
-DEFAULTS = {"method": "ties", "beta": 0.0, "scale": 1.0, "stop": "energy", "max_iter": 1000, "format": "auto",
-            "kohya_prefix": DEFAULT_KOHYA_PREFIX, "device": "cpu", "dtype": "auto", "max_group_mb": DEFAULT_GROUP_MB,
-            "threads": DEFAULT_THREADS, **RULE_DEFAULTS}
 
 
 class UsageError(Exception):
@@ -61,119 +45,50 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _suggest(word: str, choices) -> str:
-    choices = list(choices)
-    lowered = {c.lower(): c for c in choices}
-    if word.lower() in lowered:                          # TIES -> ties
-        return f" (did you mean {lowered[word.lower()]}?)"
-    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
-    return f" (did you mean {lowered[close[0]]}?)" if close else ""
-
-
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kw):
         kw.setdefault("allow_abbrev", False)       # --rank, never a guess from --ra
-        kw.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kw)
 
     def error(self, message):
         # argparse prints the usage block and exits; one line and an exception instead
         if message.startswith("unrecognized arguments:"):
-            options = [s for a in self._actions for s in a.option_strings]
+            flags = [s for a in self._actions for s in a.option_strings]
             for sub in self._subparsers._group_actions if self._subparsers else []:
                 for p in getattr(sub, "choices", {}).values():
-                    options += [s for a in p._actions for s in a.option_strings]
+                    flags += [s for a in p._actions for s in a.option_strings]
             words = message.split(":", 1)[1].split()
-            hints = [_suggest(w.split("=")[0], options) for w in words if w.startswith("-")]
+            hints = [suggest(w.split("=")[0], flags) for w in words if w.startswith("-")]
             message += "".join(h for h in hints if h)
         elif "invalid choice:" in message and ("argument command" in message or "{merge,plan,inspect}" in message):
             word = message.split("invalid choice:", 1)[1].split("'")[1] if "'" in message else ""
-            message += _suggest(word, ("merge", "plan", "inspect"))
+            message += suggest(word, ("merge", "plan", "inspect"))
         sub = self.prog.removeprefix("ctm").strip()
         raise UsageError(f"{sub}: {message}" if sub else message)
 
 
-class _Formatter(argparse.HelpFormatter):
-    """Every option's default in its help line."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        dest = action.dest
-        if "default" not in text and dest in DEFAULTS:
-            text += f" (default: {DEFAULTS[dest]})"
-        return text
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _text_type(parse):
+    """A text parser of :mod:`.options` as an argparse ``type``: its ValueError is argparse's error."""
+    def text_type(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text_type
 
 
-def _rank(text: str):
-    if text == "full":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'full', got {text!r}") from None
-
-
-def _method(text: str) -> str:
-    if text not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown merge method {text!r}{_suggest(text, METHODS)}; choose one of "
-                                         f"{', '.join(METHODS)}")
-    return text
+def _switch(default):
+    return argparse.BooleanOptionalAction if default else "store_true"
 
 
 def _merge_options(m: argparse.ArgumentParser) -> None:
-    """The options of ctm merge; ctm plan takes every one of them (a dry run of that command)."""
+    """The options of ctm merge (every merge setting of :data:`.options.MERGE`, and how the
+    command runs); ctm plan takes every one of them (a dry run of that command)."""
     m.add_argument("adapters", nargs="*", metavar="ADAPTER",
                    help="PEFT adapter folder, kohya .safetensors or Hugging Face Hub id (org/name[@revision])")
     m.add_argument("-c", "--config", metavar="FILE", help="YAML merge config (mergekit style: adapters with "
                    "weights, merge_method, parameters, rank, output); options given here override it")
-    m.add_argument("-o", "--output", metavar="OUT",
-                   help="output: a PEFT adapter folder, or a kohya file when it ends in .safetensors")
-    m.add_argument("--rank", type=_rank, metavar="R",
-                   help="rank of the merged LoRA, capped at min(m, n) per module; 'full' keeps every "
-                   "direction of the inputs (min(sum of input ranks, m, n))")
-    m.add_argument("--method", type=_method, metavar="M", help=f"merge rule: {', '.join(METHODS)}")
-    m.add_argument("--top-k", type=float, dest="top_k", metavar="F",
-                   help="ties/dare_ties: share of entries each adapter keeps, in (0, 1]")
-    m.add_argument("--p", type=float, metavar="F", help="dare/dare_ties: drop probability, in [0, 1)")
-    m.add_argument("--seed", type=int, metavar="N", help="dare/dare_ties: seed of the drop masks")
-    m.add_argument("--beta", type=float, metavar="F",
-                   help="0 equalises the adapters' norms in the subspace search, 1 keeps them")
-    m.add_argument("--scale", type=float, metavar="F", help="global scale of the merged update")
-    m.add_argument("--weights", type=_floats, metavar="W1,W2,...", help="one weight per adapter (default: all 1)")
-    m.add_argument("--stop", choices=("energy", "subspace"),
-                   help="when the subspace search of a module ends: energy, when the energy kept (in total "
-                   "and per adapter) has stopped changing; subspace, when the subspaces have stopped moving "
-                   "(the exact fixed point, reproducible across devices)")
-    m.add_argument("--tol", type=float, metavar="F",
-                   help="tolerance of the stop test: the energy kept's change still expected (default 1e-6), "
-                   "or the sine of the largest principal angle of a step (default 1e-4)")
-    m.add_argument("--max-iter", type=int, dest="max_iter", metavar="N", help="most subspace iterations per module")
-    m.add_argument("--format", choices=("auto", "peft", "kohya"),
-                   help="output format; auto: kohya for OUT ending in .safetensors, else peft")
-    m.add_argument("--kohya-prefix", dest="kohya_prefix", metavar="P",
-                   help="kohya name prefix for PEFT module paths")
-    m.add_argument("--device", metavar="cpu|cuda", help="device of the merge")
-    m.add_argument("--dtype", choices=["auto", *DTYPE_NAMES],
-                   help="factor dtype of the merge and the output; auto: the inputs'")
-    m.add_argument("--max-group-mb", type=int, dest="max_group_mb", metavar="MB",
-                   help="most input factor memory read at once")
-    m.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it is a previous ctm output (anything else is refused)")
-    m.add_argument("--pad-rank", action="store_true", dest="pad_rank", default=None,
-                   help="keep --rank on modules whose inputs span fewer directions (the extra rows are zeros; "
-                   "default: cap each module at the sum of its input ranks)")
-    m.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                   help="dare_ties: average the agreeing entries (--no-normalize: sum them, as mergekit's "
-                   "dare_ties)")
-    m.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (default: the cores this "
-                   "process may use, less the busy ones; recorded in the output's config)")
+    options.MERGE.add_arguments(m, _switch, _text_type)
     m.add_argument("--dry-run", action="store_true", dest="dry_run",
                    help="print the plan (as ctm plan) and write nothing")
     m.add_argument("--no-prefetch", action="store_false", dest="prefetch",
@@ -195,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge adapters into one rank-R LoRA",
                        description="Merge LoRA adapters (PEFT folders, kohya .safetensors files or Hub ids) into "
-                       "one rank-R LoRA. Methods: " + ", ".join(METHODS) + ".")
+                       "one rank-R LoRA. Methods: " + ", ".join(options.METHODS) + ".")
     _merge_options(m)
     pl = sub.add_parser("plan", help="dry run: what a merge would do, reading no factor",
                         description="Print the modules, groups, rank per module, which adapters adapt which "
@@ -211,44 +126,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args) -> dict:
-    """The merge's keyword arguments: the config file's, then the options given, then defaults."""
+def _settings(args) -> tuple[dict, set[str]]:
+    """The merge's keyword arguments (the config file's, then the options given) and the names
+    of those that came from the config file."""
     kw = load_config(args.config) if args.config else {}
     if args.adapters:
         if args.config:
             raise UsageError(f"ctm: give the adapters in {args.config} or on the command line, not both")
         kw["adapters"] = list(args.adapters)
         kw.pop("weights", None)
-    given = {k: getattr(args, k) for k in ("rank", "method", "beta", "scale", "stop", "tol", "max_iter", "format",
-                                          "kohya_prefix", "device", "dtype", "weights", "output", "top_k", "p",
-                                          "seed", "normalize", "threads", "pad_rank") if getattr(args, k) is not None}
+    names = [o.name for o in options.MERGE.options if o.flags] + [p.name for p in options.MERGE.rule_parameters]
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    from_file = set(kw) - set(given)
     kw.update(given)
-    if args.max_group_mb is not None:
-        if args.max_group_mb < 1:
-            raise UsageError("ctm: --max-group-mb must be at least 1")
-        kw["max_group_bytes"] = args.max_group_mb * 2**20
     if not kw.get("adapters"):
         raise UsageError("ctm: no adapters (give them on the command line or in --config)")
     if kw.get("rank") is None:
         raise UsageError("ctm: --rank is required (or rank: in --config)")
-    for k in ("method", "beta", "scale", "stop", "max_iter", "kohya_prefix"):
-        kw.setdefault(k, DEFAULTS[k])
-    if kw.get("dtype") == "auto":
-        kw["dtype"] = None
-    if kw.get("format") == "auto":
-        kw["format"] = None
-    if kw.get("threads") is not None and kw["threads"] < 1:
-        raise UsageError("ctm: --threads must be at least 1")
-    kw["overwrite"] = args.overwrite
     if args.report is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
         raise UsageError(f"ctm: --report: no such directory for {args.report}")
-    return kw
+    return kw, from_file
 
 
-def _cmd_plan(args, kw: dict) -> int:
+@contextmanager
+def _naming_the_file(args, from_file: set[str]):
+    """A bad value read from the config file is reported with the file and its key."""
+    try:
+        yield
+    except SettingError as e:
+        if e.name not in from_file:
+            raise
+        raise ValueError(f"{args.config}: {options.MERGE.by_name[e.name].key}: {e}") from None
+
+
+def _cmd_plan(args, kw: dict, from_file: set[str]) -> int:
     from .api import plan_merge
 
-    plan = plan_merge(kw.pop("adapters"), **kw)
+    with _naming_the_file(args, from_file):
+        plan = plan_merge(kw.pop("adapters"), **kw)
     if args.report is not None:
         with open(args.report, "w") as f:
             f.write(json.dumps(plan.to_dict(), indent=2) + "\n")
@@ -263,14 +178,14 @@ def _cmd_plan(args, kw: dict) -> int:
 
 
 def _cmd_merge(args) -> int:
-    kw = _settings(args)
+    kw, from_file = _settings(args)
     if args.dry_run:
-        return _cmd_plan(args, kw)
+        return _cmd_plan(args, kw, from_file)
     if kw.get("output") is None:
         raise UsageError("ctm: -o/--output is required (or output: in --config)")
     from .api import merge
 
-    with process_group(kw.get("device")) as (rank, device):
+    with _naming_the_file(args, from_file), process_group(kw.get("device")) as (rank, device):
         kw["device"] = device
         result = merge(kw.pop("adapters"), progress=not args.quiet and rank == 0, prefetch=args.prefetch, **kw)
     if rank == 0:
@@ -343,7 +258,7 @@ def main(argv=None) -> int:
         if args.command == "merge":
             return _cmd_merge(args)
         if args.command == "plan":
-            return _cmd_plan(args, _settings(args))
+            return _cmd_plan(args, *_settings(args))
         return _cmd_inspect(args)
     except SystemExit as e:                      # --help, --version
         return e.code if isinstance(e.code, int) else EXIT_OK

@@ -5,8 +5,9 @@ Every rule maps a stack of per-adapter matrices ``C [L, T, p, q]`` to one merged
 the baselines apply the very same code entry-wise to dense ``m x n`` updates. User weights
 ``w_t`` are already folded into ``C_t``; the global scale lambda is applied after the rule.
 
-Rules are registered with declared parameters (name, default, check, meaning), like the
-``merge_methods`` of mergekit; :func:`resolve_params` validates a request against them.
+Rules are registered with declared parameters (name, default, check, meaning; declared with
+the other merge settings in :mod:`ctm_kernels.options`), like the ``merge_methods`` of
+mergekit; :func:`resolve_params` validates a request against them.
 """
 from __future__ import annotations
 
@@ -15,15 +16,9 @@ from typing import Callable
 
 import torch
 
+from .options import NORMALIZE as _NORMALIZE, P as _P, SEED as _SEED, TOP_K as _TOP_K, RuleParameter as Param
+
 DARE_LAYER_STRIDE = 1_000_003  # layer l of a merge draws its DARE mask from seed + l * stride
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    default: object
-    check: Callable[[object], bool]
-    meaning: str
 
 
 @dataclass(frozen=True)
@@ -39,14 +34,6 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {}
-
-_TOP_K = Param("top_k", 0.2, lambda v: 0.0 < float(v) <= 1.0, "share of entries each task keeps, in (0, 1]")
-_P = Param("p", 0.5, lambda v: 0.0 <= float(v) < 1.0, "drop probability, in [0, 1)")
-_NORMALIZE = Param("normalize", True, lambda v: isinstance(v, bool),
-                   "True: each entry is the mean of the kept values that agree with its elected sign; False: "
-                   "their sum (mergekit's dare_ties)")
-_SEED = Param("seed", 0, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-              "seed of the drop masks (non-negative integer)")
 
 
 def register(name: str, *params: Param, needs_rotation_convention: bool = False):

@@ -98,13 +98,9 @@ def default_threads(root: str | os.PathLike = "/") -> int:
     return max(1, free // max(1, local))
 
 
-def check_threads(threads) -> int:
-    """``threads`` as a positive int; None: :func:`default_threads`. Bad values raise ValueError."""
-    if threads is None:
-        return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer (or None for the default), got {threads!r}")
-    return threads
+def resolve_threads(threads: int | None) -> int:
+    """``threads`` (checked by :mod:`ctm_kernels.options`), or for None :func:`default_threads`."""
+    return default_threads() if threads is None else threads
 
 
 @contextmanager

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import ctm_kernels
 from ctm_kernels.io import open_adapter
-from ctm_kernels.pipeline.plan import DEFAULT_GROUP_BYTES, plan_groups, plan_modules
+from ctm_kernels.options import DEFAULT_GROUP_BYTES
+from ctm_kernels.pipeline.plan import plan_groups, plan_modules
 from ctm_kernels.pipeline.ranks import Ranks
 
 ROOT = Path(ctm_kernels.__file__).resolve().parents[1]
@@ -129,3 +130,45 @@ def test_python_api_under_a_process_group(tiny_set, tmp_path):
 def test_distributed_true_needs_a_process_group(tiny_set):
     with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed process group"):
         ctm_kernels.merge(list(map(str, tiny_set)), rank=8, distributed=True)
+
+
+class _TwoRanks:
+    """torch.distributed as rank ``rank`` of two sees it, the other rank's objects given."""
+
+    def __init__(self, rank, other_gathered=None, rank0_broadcast=None):
+        self.rank, self.other, self.rank0 = rank, other_gathered, rank0_broadcast
+
+    def get_world_size(self):
+        return 2
+
+    def get_rank(self):
+        return self.rank
+
+    def all_gather_object(self, out, obj):
+        out[self.rank], out[1 - self.rank] = obj, self.other
+
+    def broadcast_object_list(self, box, src):
+        if self.rank != src:
+            box[0] = self.rank0
+
+
+def test_one_failure_protocol_for_every_step():
+    # a step on every rank: results by rank; another rank's failure raised here, naming it
+    assert Ranks(_TwoRanks(1, (None, "zero"))).together(lambda: "one") == ["zero", "one"]
+    with pytest.raises(ValueError, match=r"^rank 0: bad input$"):
+        Ranks(_TwoRanks(1, (("value", "bad input"), None))).together(lambda: "one")
+    with pytest.raises(RuntimeError, match=r"^rank 0: OSError: disk full$"):
+        Ranks(_TwoRanks(1, (("internal", "OSError: disk full"), None))).together(lambda: "one")
+
+    def boom():
+        raise KeyError("own")
+
+    with pytest.raises(KeyError, match="own"):          # this rank's own error, as itself
+        Ranks(_TwoRanks(0, (None, "one"))).together(boom)
+    # a step on rank 0 alone: its result, or its error, on every rank
+    assert Ranks(_TwoRanks(1, rank0_broadcast=(None, "parts"))).first(boom) == "parts"
+    with pytest.raises(ValueError, match=r"^rank 0: no room$"):
+        Ranks(_TwoRanks(1, rank0_broadcast=(("value", "no room"), None))).first(lambda: "never")
+    with pytest.raises(KeyError, match="own"):
+        Ranks(_TwoRanks(0)).first(boom)
+    assert Ranks().first(lambda: 3) == 3 and Ranks().together(lambda: 4) == [4]

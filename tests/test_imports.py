@@ -58,7 +58,7 @@ def _type_checking(node: ast.AST) -> bool:
 
 class _Imports(ast.NodeVisitor):
     """Every import of one file: ``(target, line, inside a function)``; targets are full module
-    names (``ctm_kernels.io.stream``) or the top name of another distribution (``torch``)."""
+    names (``ctm_kernels.io.adapter``) or the top name of another distribution (``torch``)."""
 
     def __init__(self, module: str, package: str):
         self.module, self.package = module, package
@@ -173,7 +173,7 @@ def _reaches(edges_all: dict[str, list], start: str, targets: set[str]) -> bool:
 
 def test_the_package_has_no_import_cycle():
     found = imports()
-    assert "ctm_kernels.pipeline.plan" in found and "ctm_kernels.io.stream" in found
+    assert "ctm_kernels.pipeline.plan" in found and "ctm_kernels.io.adapter" in found
     bad = cycles(_graph(found, functions=True))
     assert not bad, "import cycles: " + "; ".join(" -> ".join(c) for c in bad)
 
@@ -223,6 +223,6 @@ def test_the_checks_see_a_cycle_hidden_in_a_function():
 
 def test_the_checks_skip_type_checking_blocks_and_read_relative_imports():
     found = _check({"ctm_kernels.io.kohya": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                            "    from ..pipeline import plan\nfrom .stream import a\nimport torch\n"})
-    assert found["ctm_kernels.io.kohya"] == [("typing", 1, False), ("ctm_kernels.io.stream", 4, False),
+                                            "    from ..pipeline import plan\nfrom .adapter import a\nimport torch\n"})
+    assert found["ctm_kernels.io.kohya"] == [("typing", 1, False), ("ctm_kernels.io.adapter", 4, False),
                                              ("torch", 5, False)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ctm_kernels
 from ctm_kernels.cli import main
-from ctm_kernels.io import stream
+from ctm_kernels.io import destination
 
 ROOT = Path(ctm_kernels.__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "adapters"
@@ -78,8 +78,8 @@ def test_later_run_removes_stale_temporaries_of_its_own_only(tmp_path):
             proc.kill()
             proc.wait()
     assert left.exists()
-    host = stream._host()
-    live = folder / f".merged.tmp-ctm{os.getpid()}.{stream._start_time(os.getpid())}.{host}-abcd1234"
+    host = destination._host()
+    live = folder / f".merged.tmp-ctm{os.getpid()}.{destination._start_time(os.getpid())}.{host}-abcd1234"
     other_host = folder / f".merged.tmp-ctm{proc.pid}.1.{'0' * 8 if host != '0' * 8 else '1' * 8}-abcd1234"
     other_output = folder / f".other.tmp-ctm{proc.pid}.1.{host}-abcd1234"
     foreign = folder / ".merged.tmp-abcd1234"             # not named by this version of ctm

@@ -16,7 +16,8 @@ from ctm_kernels.api import merge
 from ctm_kernels.io import AdapterError, LazyTensor, open_adapter, write_safetensors
 from ctm_kernels.pipeline.plan import plan_groups, plan_modules
 from ctm_kernels.io.peft import pattern_key, read_peft
-from ctm_kernels.io.stream import DictStore, atomic_dir, atomic_file
+from ctm_kernels.io.adapter import DictStore
+from ctm_kernels.io.destination import atomic_dir, atomic_file
 
 P = "base_model.model."
 
@@ -509,7 +510,7 @@ def test_safetensors_store_reads_what_safetensors_wrote(tmp_path):
     tensors = {"z": torch.randn(3, 7, generator=g).to(torch.bfloat16), "a": torch.randn(5, generator=g),
                "m": torch.randn(2, 2, 2, generator=g).half(), "e": torch.zeros(0, 4)}
     save_file(tensors, str(tmp_path / "x.safetensors"))
-    from ctm_kernels.io.stream import SafetensorsStore
+    from ctm_kernels.io.safetensors_io import SafetensorsStore
     store = SafetensorsStore(tmp_path / "x.safetensors")
     got = store.get(["m", "z", "e", "a"])
     assert list(got) == ["m", "z", "e", "a"]                    # in the order asked for
@@ -519,7 +520,7 @@ def test_safetensors_store_reads_what_safetensors_wrote(tmp_path):
 
 def test_safetensors_store_file_cut_after_open(tmp_path):
     save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(tmp_path / "x.safetensors"))
-    from ctm_kernels.io.stream import SafetensorsStore
+    from ctm_kernels.io.safetensors_io import SafetensorsStore
     store = SafetensorsStore(tmp_path / "x.safetensors")
     data = (tmp_path / "x.safetensors").read_bytes()
     (tmp_path / "x.safetensors").write_bytes(data[:-100])
@@ -528,7 +529,7 @@ def test_safetensors_store_file_cut_after_open(tmp_path):
 
 
 def test_writer_bytes_do_not_depend_on_write_order(tmp_path):
-    from ctm_kernels.io.stream import SafetensorsWriter
+    from ctm_kernels.io.safetensors_io import SafetensorsWriter
     g = torch.Generator().manual_seed(1)
     tensors = {f"t{i}": torch.randn(i + 1, 3, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
                for i in range(6)}

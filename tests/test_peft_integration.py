@@ -408,7 +408,7 @@ def test_add_merged_adapter_threads(adapters, ties_merged, monkeypatch):
     pm = _all_loaded(adapters)
     res = add_merged_adapter(pm, list(NAMES), "ctm", rank=8, method="ties", top_k=0.4, weights=[1, 0.7, 1.5],
                              threads=other)
-    assert set(seen) == {other} and torch.get_num_threads() == before and res.plan.threads == other
+    assert set(seen) == {other} and torch.get_num_threads() == before and res.plan.settings.threads == other
     import yaml
     t = yaml.safe_load((ties_merged / "ctm_merge.yaml").read_text())["threads"]
     pm2 = _all_loaded(adapters)

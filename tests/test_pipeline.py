@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import ctm_kernels
 from ctm_kernels.cli import main
-from ctm_kernels.io.stream import SafetensorsStore, SafetensorsWriter
+from ctm_kernels.io.safetensors_io import SafetensorsStore, SafetensorsWriter
 
 from test_cli import _pair, kohya_file, kohya_updates, peft_folder, peft_updates
 
@@ -398,17 +398,18 @@ def test_help_imports_no_torch_and_shows_defaults():
         assert default in text, default
 
 
-def test_cli_lists_match_the_library():
-    from ctm_kernels import cli
-    from ctm_kernels.io.kohya import DEFAULT_PREFIX
-    from ctm_kernels.pipeline.plan import DEFAULT_GROUP_BYTES, DTYPES
+def test_torch_free_option_lists_match_the_library():
+    from ctm_kernels import options
+    from ctm_kernels.io.formats import FORMATS
+    from ctm_kernels.pipeline.plan import DTYPES
 
-    assert cli.METHODS == tuple(ctm_kernels.RULES)
-    assert cli.DTYPE_NAMES == tuple(DTYPES)
-    assert cli.DEFAULT_GROUP_MB * 2**20 == DEFAULT_GROUP_BYTES and cli.DEFAULT_KOHYA_PREFIX == DEFAULT_PREFIX
+    assert options.METHODS == tuple(ctm_kernels.RULES)
+    assert options.DTYPE_NAMES == tuple(DTYPES)
+    assert options.FORMAT_NAMES == tuple(FORMATS)
+    declared = {p.name: p for p in options.MERGE.rule_parameters}
     for rule in ctm_kernels.RULES.values():
         for param in rule.params:
-            assert cli.RULE_DEFAULTS[param.name] == param.default, param.name
+            assert declared[param.name] is param, param.name
 
 
 def test_version_did_you_mean_and_no_abbreviations(two, tmp_path, capsys):
@@ -634,7 +635,7 @@ def test_rank_capped_at_what_the_inputs_span_unless_padded(tmp_path):
     torch.testing.assert_close(got["m.q_proj"].update().double(), ua["m.q_proj"] + ub["m.q_proj"], rtol=1e-5, atol=1e-5)
     padded = ctm_kernels.merge([a, b], rank=16, method="sum", pad_rank=True)
     assert {mm.name: mm.rank for mm in padded.modules} == {"m.k_proj": 16, "m.q_proj": 16}
-    assert res.plan.pad_rank is False
+    assert res.plan.settings.pad_rank is False
 
 
 def test_overwrite_refuses_real_adapters_that_ctm_did_not_write(two, tmp_path, capsys):

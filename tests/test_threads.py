@@ -80,7 +80,7 @@ def test_api_threads_argument_runs_at_it_and_restores(monkeypatch):
     other = 3 if before != 3 else 2
     res = ctm_kernels.merge(THREE[:2], rank=8, method="ties", threads=other)
     assert seen and set(seen) == {other} and torch.get_num_threads() == before
-    assert res.plan.threads == other
+    assert res.plan.settings.threads == other
     # the default: default_threads(), whatever torch's own setting is
     monkeypatch.setattr(th, "default_threads", lambda root="/": 1)
     seen.clear()

@@ -10,13 +10,15 @@ not activate the new adapter: call ``peft_model.set_adapter(new_adapter_name)``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Sequence
 
 import torch
 
 from ..api import MergeResult, merge
 from ..io.peft import check_config
-from ..io.stream import Adapter, AdapterError, DictStore, ModuleSpec, check_factor_shapes
+from ..options import MERGE
+from ..io.adapter import Adapter, AdapterError, DictStore, ModuleSpec, check_factor_shapes
 
 
 def _lora_model(peft_model):
@@ -70,10 +72,7 @@ def _read_adapter(lora, name: str) -> Adapter:
     return Adapter(label=label, format="peft", store=DictStore(tensors, label), modules=modules, config=cfg_dict)
 
 
-def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_name: str, *, rank: int | str,
-                       method: str = "ties", weights=None, beta: float = 0.0, scale: float = 1.0,
-                       stop: str = "energy", tol: float | None = None, max_iter: int = 1000, device=None,
-                       threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergeResult:
+def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_name: str, **settings) -> MergeResult:
     """Merge the loaded LoRA adapters ``adapter_names`` of ``peft_model`` into a new adapter
     ``new_adapter_name`` of rank ``rank`` with CtM, and install it (not activated). ``rank``
     is capped at ``min(m, n)`` per module, or ``"full"`` (see :func:`ctm_kernels.merge`).
@@ -85,6 +84,10 @@ def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_nam
     (``module.scaling``), so rsLoRA, rank/alpha patterns and later ``set_scale`` calls are
     all honoured. Returns the :class:`~ctm_kernels.api.MergeResult` (per-module info and the
     share of each adapter's update kept)."""
+    written = sorted(set(settings) & set(_NOT_HERE))
+    if written:
+        raise TypeError(f"add_merged_adapter() got an unexpected keyword argument {written[0]!r} (the merged "
+                        "adapter is installed in the model, not written)")
     lora = _lora_model(peft_model)
     names = list(adapter_names)
     if not names:
@@ -95,8 +98,7 @@ def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_nam
     if new_adapter_name in lora.peft_config:
         raise ValueError(f"adapter {new_adapter_name!r} already exists")
     adapters = [_read_adapter(lora, n) for n in names]
-    res = merge(adapters, rank=rank, method=method, weights=weights, beta=beta, scale=scale, stop=stop, tol=tol,
-                max_iter=max_iter, device=device, threads=threads, pad_rank=pad_rank, **rule_params)
+    res = merge(adapters, **settings)
 
     base_cfg = lora.peft_config[names[0]]
     merged = res.config()                    # r, and a rank_pattern for modules capped at min(m, n)
@@ -121,3 +123,10 @@ def add_merged_adapter(peft_model, adapter_names: Sequence[str], new_adapter_nam
             dst_A.copy_(mm.A)
             dst_B.copy_(mm.B)
     return res
+
+
+# settings of ctm_kernels.merge that have no meaning here: the merged factors stay in memory
+_NOT_HERE = ("output", "overwrite", "format", "kohya_prefix", "max_group_bytes", "dtype")
+_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+add_merged_adapter.__signature__ = MERGE.signature(
+    [inspect.Parameter(n, _POS) for n in ("peft_model", "adapter_names", "new_adapter_name")], exclude=_NOT_HERE)

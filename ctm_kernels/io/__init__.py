@@ -1,6 +1,6 @@
 """Adapters in and out: PEFT folders, kohya files, in-memory state dicts.
 
-:func:`open_adapter` turns a path or a state dict into an :class:`~.stream.Adapter` (header
+:func:`open_adapter` turns a path or a state dict into an :class:`~.adapter.Adapter` (header
 and config only, validated); the factors are read later, a module group at a time.
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ from . import hub
 from .kohya import read_kohya, read_kohya_state_dict, kohya_tensors, kohya_name
 from .peft import (CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, merged_config, peft_tensors, read_peft,
                    read_peft_state_dict)
-from .stream import Adapter, AdapterError, LazyTensor, MergedModule, ModuleSpec, write_safetensors
+from .adapter import Adapter, AdapterError, MergedModule, ModuleSpec
+from .safetensors_io import LazyTensor, write_safetensors
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

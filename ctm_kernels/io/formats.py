@@ -15,9 +15,12 @@ from typing import Callable
 
 import torch
 
-from .kohya import DEFAULT_PREFIX, kohya_name, kohya_tensors
+from ..options import DEFAULT_KOHYA_PREFIX, MERGE
+from .kohya import kohya_name, kohya_tensors
 from .peft import CONFIG_NAME, WEIGHTS_NAME, peft_tensors, write_config
-from .stream import AdapterError, LazyTensor, MergedModule, atomic_dir, atomic_file, header_metadata
+from .adapter import AdapterError, MergedModule
+from .destination import atomic_dir, atomic_file
+from .safetensors_io import LazyTensor, header_metadata
 
 # the resolved merge config inside a PEFT output folder (a kohya file carries it as metadata)
 RESOLVED_CONFIG_NAME = "ctm_merge.yaml"
@@ -131,7 +134,7 @@ class KohyaFile(OutputFormat):
 
     name = "kohya"
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX):
+    def __init__(self, prefix: str = DEFAULT_KOHYA_PREFIX):
         self.prefix = prefix
 
     def check_path(self, output: Path) -> None:
@@ -177,16 +180,16 @@ class KohyaFile(OutputFormat):
 
 _NO_BASE_WEIGHTS = ("full base weights (saved by PEFT with an embedding or lm_head LoRA) have no kohya "
                     "representation; use the PEFT format")
-FORMATS: dict[str, Callable[..., OutputFormat]] = {"peft": lambda prefix: PeftFolder(), "kohya": KohyaFile}
+# by name (options.FORMAT_NAMES), made with the kohya prefix
+FORMATS: dict[str, Callable[[str], OutputFormat]] = {"peft": lambda prefix: PeftFolder(), "kohya": KohyaFile}
 
 
-def output_format(output, name: str | None = None, kohya_prefix: str = DEFAULT_PREFIX) -> OutputFormat:
+def output_format(output, name: str | None = None, kohya_prefix: str = DEFAULT_KOHYA_PREFIX) -> OutputFormat:
     """The format ``name`` ("peft", "kohya"), checked against ``output``; None (or "auto") picks
     it from ``output``: a kohya file for a path ending in ``.safetensors``, else a PEFT folder."""
-    if name in (None, "auto"):
+    name = MERGE.by_name["format"].validate(name)
+    if name is None:
         name = "kohya" if output is not None and Path(output).suffix.lower() == _SUFFIX else "peft"
-    elif name not in FORMATS:
-        raise ValueError(f"unknown format {name!r}; choose one of auto, {', '.join(FORMATS)}")
     fmt = FORMATS[name](kohya_prefix)
     if output is not None:
         fmt.check_path(Path(output))

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from .stream import AdapterError
+from .adapter import AdapterError
 
 # the Hub's repository id syntax: one '/', names of letters, digits, '-', '_', '.'
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")

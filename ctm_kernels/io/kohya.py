@@ -21,11 +21,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from .stream import (FLOAT_DTYPES, Adapter, AdapterError, DictStore, MergedModule, ModuleSpec,
-                     SafetensorsStore, TensorStore, check_factor_shapes)
+from ..options import DEFAULT_KOHYA_PREFIX
+from .adapter import (FLOAT_DTYPES, Adapter, AdapterError, DictStore, MergedModule, ModuleSpec, TensorStore,
+                      check_factor_shapes)
+from .safetensors_io import SafetensorsStore
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-DEFAULT_PREFIX = "lora_unet"
 
 _REFUSED = {
     "dora_scale": "DoRA magnitude (dora_scale): the update is not up @ down",
@@ -98,14 +99,14 @@ def read_kohya_state_dict(state_dict: Mapping[str, torch.Tensor], label: str) ->
     return read_kohya_tensors(DictStore(state_dict, label), label)
 
 
-def kohya_name(name: str, prefix: str = DEFAULT_PREFIX) -> str:
+def kohya_name(name: str, prefix: str = DEFAULT_KOHYA_PREFIX) -> str:
     """kohya module name of a module path (a kohya name is returned unchanged)."""
     if "." not in name and name.startswith("lora_"):
         return name
     return f"{prefix}_{name.replace('.', '_')}"
 
 
-def kohya_tensors(modules: list[MergedModule], prefix: str = DEFAULT_PREFIX) -> dict[str, torch.Tensor]:
+def kohya_tensors(modules: list[MergedModule], prefix: str = DEFAULT_KOHYA_PREFIX) -> dict[str, torch.Tensor]:
     """kohya state dict of merged modules: ``lora_down = A``, ``lora_up = B``, ``alpha = rank``
     (fp32 scalar, so the scale is exactly 1 whatever the factor dtype)."""
     out: dict[str, torch.Tensor] = {}

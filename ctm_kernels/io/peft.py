@@ -31,8 +31,9 @@ from typing import Mapping
 
 import torch
 
-from .stream import (FLOAT_DTYPES, Adapter, AdapterError, DictStore, MergedModule, ModuleSpec,
-                     SafetensorsStore, TensorStore, check_factor_shapes)
+from .adapter import (FLOAT_DTYPES, Adapter, AdapterError, DictStore, MergedModule, ModuleSpec, TensorStore,
+                      check_factor_shapes)
+from .safetensors_io import SafetensorsStore
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

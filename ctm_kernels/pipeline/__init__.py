@@ -8,7 +8,7 @@
 
 :func:`~.run.execute` runs a plan's groups through the other three stages once; :mod:`.ranks` is
 the only place that shares work between ``torch.distributed`` ranks, :mod:`.launch` starts them
-under torchrun, :mod:`.destination` says where an output may go. The Python API
+under torchrun. The Python API
 (:func:`ctm_kernels.merge`), the ``ctm`` command and the PEFT integration are faces over
 :func:`~.plan.make_plan` and :func:`~.run.execute`.
 

@@ -30,22 +30,14 @@ every resolved config and honoured when it is run again; a Hub input is recorded
 """
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import os
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, options
+from ..options import suggest
 
-TOP_KEYS = {"adapters", "models", "merge_method", "method", "rank", "parameters", "beta", "scale", "stop", "tol",
-            "max_iter", "dtype", "output", "format", "kohya_prefix", "max_group_mb", "device", "base_model",
-            "ctm_version", "threads", "pad_rank"}
 ADAPTER_KEYS = {"adapter", "model", "parameters", "weight"}
-
-
-def suggest(word: str, choices) -> str:
-    """`` (did you mean X?)`` for the closest of ``choices``, or ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _unknown(label: str, where: str, key, allowed) -> ValueError:
@@ -54,7 +46,9 @@ def _unknown(label: str, where: str, key, allowed) -> ValueError:
 
 def load_config(path: str | os.PathLike) -> dict:
     """The merge settings of a config file, as keyword arguments of :func:`ctm_kernels.merge`
-    (plus ``adapters`` and ``output``). Bad files raise ``ValueError`` naming the file and key."""
+    (plus ``adapters``). A file that is not a merge config raises ``ValueError`` naming the file
+    and key; the settings' values are checked where the merge is asked for
+    (:meth:`ctm_kernels.options.Options.validate`)."""
     import yaml
 
     path = Path(path)
@@ -67,9 +61,10 @@ def load_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{label}: not a readable YAML file ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{label}: expected a mapping of settings")
+    top_keys = options.MERGE.schema()["properties"]
     for key in data:
-        if key not in TOP_KEYS:
-            raise _unknown(label, "", key, TOP_KEYS)
+        if key not in top_keys:
+            raise _unknown(label, "", key, top_keys)
     for a, b in (("adapters", "models"), ("merge_method", "method")):
         if a in data and b in data:
             raise ValueError(f"{label}: {b}: given together with {a}; use one")
@@ -124,29 +119,19 @@ def load_config(path: str | os.PathLike) -> dict:
         else:
             raise ValueError(f"{label}: parameters.density: means nothing to {method!r} (ties: top_k; dare, "
                              "dare_ties: 1 - p)")
-    out = {"adapters": adapters, "weights": weights, "method": method, **params}
     if "rank" not in data:
         raise ValueError(f"{label}: rank: missing (a positive integer or 'full')")
-    for key in ("rank", "beta", "scale", "stop", "tol", "max_iter", "dtype", "format", "kohya_prefix", "device",
-                "threads", "pad_rank"):
-        if key in data:
-            out[key] = data[key]
-    if "threads" in out and out["threads"] is not None and (isinstance(out["threads"], bool)
-                                                            or not isinstance(out["threads"], int) or out["threads"] < 1):
-        raise ValueError(f"{label}: threads: expected a positive integer, got {out['threads']!r}")
-    if "pad_rank" in out and not isinstance(out["pad_rank"], bool):
-        raise ValueError(f"{label}: pad_rank: expected true or false, got {out['pad_rank']!r}")
-    if "max_group_mb" in data:
-        out["max_group_bytes"] = int(data["max_group_mb"]) * 2**20
+    out = {"adapters": adapters, "weights": weights, **options.MERGE.from_config(data), "method": method, **params}
     if "output" in data:
         out["output"] = str(path.parent / data["output"]) if not os.path.isabs(str(data["output"])) else data["output"]
     return out
 
 
 def resolved_config(plan, fmt) -> str:
-    """The YAML text of every setting of ``plan`` that decides the output's bytes (adapters by
-    absolute path or Hub id at the commit read, weights, method and parameters, rank, solver
-    settings, dtype, the output format ``fmt`` and its settings, CPU threads)."""
+    """The YAML text of every setting of ``plan`` that decides the output's bytes (what
+    :meth:`~ctm_kernels.options.Options.dump` records of its resolved settings, with the output
+    format ``fmt``), and the adapters by absolute path, or Hub id at the commit read, with
+    their weights."""
     import yaml
 
     adapters = []
@@ -154,14 +139,7 @@ def resolved_config(plan, fmt) -> str:
         origin = getattr(ad, "origin", None)           # a Hub input: org/name@commit
         adapters.append({"adapter": origin or (str(src.resolve()) if src is not None else ad.label),
                          "parameters": {"weight": float(w)}})
-    data = {"ctm_version": __version__, "merge_method": plan.method, "rank": plan.rank,
-            "parameters": {k: v for k, v in sorted(plan.params.items())},
-            **{k: plan.engine[k] for k in ("beta", "scale", "stop", "tol", "max_iter")},
-            "dtype": None if plan.dtype is None else str(plan.dtype).removeprefix("torch."),
-            "format": fmt.name, "threads": plan.threads}
-    if plan.pad_rank:
-        data["pad_rank"] = True
-    data.update(fmt.settings())
-    data["adapters"] = adapters
+    settings = dataclasses.replace(plan.settings, format=fmt.name, **fmt.settings())
+    data = {"ctm_version": __version__, **options.MERGE.dump(settings), "adapters": adapters}
     head = "# the merge that wrote this output: `ctm merge --config THIS_FILE -o OUT` repeats it\n"
     return head + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

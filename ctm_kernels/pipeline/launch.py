@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from .config import suggest
+from ..options import suggest
 
 
 def launched_ranks() -> tuple[int, int]:

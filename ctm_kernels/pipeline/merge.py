@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..engine import merge_layers
-from ..io.stream import MergedModule
+from ..io.adapter import MergedModule
 from .plan import MergePlan
 from .read import Factors
 
@@ -17,20 +17,22 @@ def merge_group(plan: MergePlan, gi: int, factors: Factors) -> list[MergedModule
     engine's mean over the k into the mean over all T (a common factor leaves the subspace
     and the share kept unchanged; the reported norms are divided back)."""
     group = plan.groups[gi]
+    settings = plan.settings
     T = len(plan.adapters)
     layers, layer_w, shrink = [], [], []
     for mod in factors:
         k = len(mod)
-        f = k / T if plan.method == "mean" else 1.0
-        layers.append(([a for _, a, _, _ in mod], [b for _, _, b, _ in mod], [s for *_, s in mod]))
-        layer_w.append([plan.weights[i] * f for i, *_ in mod])
+        f = k / T if settings.method == "mean" else 1.0
+        layers.append(([x.A for x in mod], [x.B for x in mod], [x.scale for x in mod]))
+        layer_w.append([plan.weights[x.adapter] * f for x in mod])
         shrink.append(f)
     # each module is identified by its position among all modules, so that its DARE mask is
     # the same whatever the group sizes (max_group_bytes) and whichever rank merges it
     first = plan.firsts[gi]
-    out = merge_layers(layers, rank=group[0].rank, method=plan.method, weights=layer_w,
-                       layer_ids=range(first, first + len(layers)), device=plan.device, **plan.engine,
-                       **plan.params)
+    out = merge_layers(layers, rank=group[0].rank, method=settings.method, weights=layer_w,
+                       layer_ids=range(first, first + len(layers)), device=plan.device, beta=settings.beta,
+                       scale=settings.scale, stop=settings.stop, tol=settings.tol, max_iter=settings.max_iter,
+                       **settings.params)
     del layers
     merged = []
     for e, res, f in zip(group, out, shrink):

@@ -8,33 +8,29 @@ than raised, so that a dry run lists them all.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..engine import DEFAULT_TOL, check_solver
+from .. import options
+from ..engine import DEFAULT_TOL
 from ..io import Adapter, AdapterError, ModuleSpec, open_adapter
+from ..io.destination import check_output
 from ..io.formats import OutputFormat, output_format
-from ..io.kohya import DEFAULT_PREFIX, match_kohya_names
-from ..rules import RULES, resolve_params
-from ..threads import check_threads
-from .config import suggest
-from .destination import check_output
+from ..io.kohya import match_kohya_names
+from ..options import FULL_RANK, Settings
+from ..rules import resolve_params
+from ..threads import resolve_threads
 from .launch import check_device
 
-# Input factor bytes per module group. The merge holds about 7x a group's bytes at its peak
-# for bf16 factors on CPU (the group being read, the group being merged, the engine's stacked
-# copy of it and its float64 working copies), so 256 MiB keeps whole-model merges near 2 GiB.
-DEFAULT_GROUP_BYTES = 256 * 2**20
+# the dtypes of options.DTYPE_NAMES
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64}
-FULL_RANK = "full"
 
 # Rough time model for the dry run, calibrated on one measured whole-model merge (README:
 # 16 rank-16 bf16 adapters over the Llama-3-8B layout, so R = 256, TIES, 49 s on this
@@ -80,6 +76,10 @@ class ModuleEntry:
 class MergePlan:
     """Everything a merge needs before it reads a factor.
 
+    ``settings``: the merge's settings, resolved (rule parameters with their defaults, the
+    tolerance of the stop test, the thread count, the dtype and format chosen); ``dtype``,
+    ``device`` and ``format`` as the merge uses them.
+
     ``modules`` in output order, each with its merged rank; ``groups`` lists of modules (same
     kind, shape and merged rank; at most ``max_group_bytes`` of input factors each) in the
     order they are merged; ``firsts[g]`` the position of group ``g``'s first module in that
@@ -88,16 +88,11 @@ class MergePlan:
 
     adapters: list[Adapter]
     weights: list[float]
-    rank: int | str
-    method: str
-    params: dict
+    settings: Settings
     dtype: torch.dtype | None
     device: torch.device | None
     format: OutputFormat
     output: Path | None
-    overwrite: bool
-    max_group_bytes: int
-    engine: dict = field(default_factory=dict)
     modules: list[ModuleEntry] = field(default_factory=list)
     groups: list[list[ModuleEntry]] = field(default_factory=list)
     firsts: list[int] = field(default_factory=list)
@@ -105,16 +100,15 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     sources: list = field(default_factory=list)
     names: list[str] = field(default_factory=list)
-    threads: int = 1
-    pad_rank: bool = False
 
     @property
     def out_rank(self) -> int:
         """``r`` of the output config: the requested rank when every module has it, else (rank
         ``"full"``, or ranks capped per module) the most common merged rank (other modules get
         ``rank_pattern`` entries)."""
-        if isinstance(self.rank, int) and all(e.rank == self.rank for e in self.modules):
-            return self.rank
+        rank = self.settings.rank
+        if isinstance(rank, int) and all(e.rank == rank for e in self.modules):
+            return rank
         counts = Counter(e.rank for e in self.modules)
         return max(counts, key=lambda r: (counts[r], r)) if counts else 0
 
@@ -124,7 +118,7 @@ class MergePlan:
     def estimated_peak_bytes(self) -> int:
         """Factor memory at the merge's peak: the group being merged and the one read ahead as
         stored, the engine's stacked copy in the merge dtype and its float64 working copies (the
-        7x of a bf16 group that sets :data:`DEFAULT_GROUP_BYTES`)."""
+        7x of a bf16 group that sets :data:`ctm_kernels.options.DEFAULT_GROUP_BYTES`)."""
         peak = 0
         for g in self.groups:
             stored = sum(e.nbytes for e in g)
@@ -141,10 +135,12 @@ class MergePlan:
 
     def to_dict(self) -> dict:
         """The plan as plain data (``ctm plan --json``)."""
+        s = self.settings
         return {
             "adapters": [{"label": n, "format": a.format, "weight": w, "modules": len(a.modules)}
                          for n, a, w in zip(self.names, self.adapters, self.weights)],
-            "rank": self.rank, "pad_rank": self.pad_rank, "threads": self.threads, "method": self.method, "params": dict(self.params), "format": self.format.name,
+            "rank": s.rank, "pad_rank": s.pad_rank, "threads": s.threads, "method": s.method, "params": dict(s.params),
+            "format": self.format.name,
             "output": None if self.output is None else str(self.output),
             "modules": [{"name": e.name, "kind": e.first.kind, "out": e.first.out_features,
                          "in": e.first.in_features, "rank": e.rank, "stacked_rank": e.stacked_rank,
@@ -159,11 +155,12 @@ class MergePlan:
     def describe(self) -> str:
         """What the merge will do, for people (``ctm plan``)."""
         T = len(self.adapters)
-        params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        lines = [f"merge {T} adapter{'s' if T != 1 else ''} with {self.method}"
-                 f"{f' ({params})' if params else ''} at rank {self.rank}"
+        s = self.settings
+        params = ", ".join(f"{k}={v}" for k, v in sorted(s.params.items()))
+        lines = [f"merge {T} adapter{'s' if T != 1 else ''} with {s.method}"
+                 f"{f' ({params})' if params else ''} at rank {s.rank}"
                  + (f" into {self.output} ({self.format.name})" if self.output is not None else "")
-                 + f", {self.threads} CPU thread{'s' if self.threads != 1 else ''}"]
+                 + f", {s.threads} CPU thread{'s' if s.threads != 1 else ''}"]
         width = max((len(n) for n in self.names), default=0)
         for i, (name, ad, w) in enumerate(zip(self.names, self.adapters, self.weights)):
             shared = sum(1 for e in self.modules if len(e.specs) > 1 and any(j == i for j, _ in e.specs))
@@ -208,42 +205,24 @@ class _Problems:
         self.found.append(message)
 
 
-def check_rank(rank) -> int | str:
-    if rank == FULL_RANK:
-        return rank
-    if isinstance(rank, str) and rank.strip().isdigit():
-        rank = int(rank)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer or {FULL_RANK!r}, got {rank!r}")
-    return rank
-
-
-def check_weights(weights, T: int) -> list[float]:
+def check_weights(weights: list[float] | None, T: int) -> list[float]:
+    """One weight per adapter (all 1 when none are given)."""
     if weights is None:
         return [1.0] * T
-    vals = [float(w) for w in (weights.tolist() if torch.is_tensor(weights) else weights)]
-    if len(vals) != T:
-        raise ValueError(f"{len(vals)} weight{'s' if len(vals) != 1 else ''} for {T} adapter{'s' if T != 1 else ''}")
-    for v in vals:
-        if not math.isfinite(v):
-            raise ValueError(f"weights must be finite, got {v}")
-    return vals
+    if len(weights) != T:
+        raise ValueError(f"{len(weights)} weight{'s' if len(weights) != 1 else ''} for {T} adapter{'s' if T != 1 else ''}")
+    return weights
 
 
-def resolve_dtype(dtype, adapters: list[Adapter]) -> torch.dtype | None:
-    if dtype is None or dtype == "auto":
-        out = None
-        for ad in adapters:
-            for s in ad.modules.values():
-                out = s.dtype if out is None else torch.promote_types(out, s.dtype)
-        return out
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in set(DTYPES.values()):
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return dtype
+def resolve_dtype(name: str | None, adapters: list[Adapter]) -> torch.dtype | None:
+    """The dtype named, or (None) the inputs' dtypes promoted."""
+    if name is not None:
+        return DTYPES[name]
+    out = None
+    for ad in adapters:
+        for s in ad.modules.values():
+            out = s.dtype if out is None else torch.promote_types(out, s.dtype)
+    return out
 
 
 def open_adapters(adapters: Sequence, problem: _Problems | None = None) -> tuple[list[Adapter], list, list[int]]:
@@ -378,16 +357,16 @@ def _fill(sizes: list[int], cap: int) -> list[list[int]]:
     return out
 
 
-def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, beta: float = 0.0,
-              scale: float = 1.0, stop: str = "energy", tol: float | None = None, max_iter: int = 1000,
-              device=None, dtype=None,
-              max_group_bytes: int = DEFAULT_GROUP_BYTES, output=None, format: str | None = None,
-              overwrite: bool = False, kohya_prefix: str = DEFAULT_PREFIX, strict: bool = True,
-              threads: int | None = None, pad_rank: bool = False, **rule_params) -> MergePlan:
-    """Plan a merge (see :func:`ctm_kernels.merge` for the arguments). With ``strict`` the first
-    problem raises ``ValueError`` naming the file and key; otherwise every problem found is in
-    ``plan.problems``."""
+def make_plan(adapters: Sequence, *, strict: bool = True, **given) -> MergePlan:
+    """Plan a merge of ``adapters`` with the settings ``given`` (the keyword arguments of
+    :func:`ctm_kernels.merge`, validated here). With ``strict`` the first problem raises
+    ``ValueError`` naming the file and key; otherwise every problem found is in ``plan.problems``."""
     problem = _Problems(strict)
+    bad = set()
+
+    def bad_setting(e):
+        bad.add(e.name)
+        problem(str(e))
 
     def checked(fn, *args, default=None):
         try:
@@ -396,24 +375,12 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
             problem(str(e))
             return default
 
-    if isinstance(method, str) and method not in RULES:
-        problem(f"unknown merge method {method!r}{suggest(method, RULES)}; choose one of {', '.join(RULES)}")
-        params = {}
-    else:
-        params = checked(resolve_params, method, rule_params, default={})
-    rank = checked(check_rank, rank, default=1)
-    checked(check_solver, stop, tol, max_iter, beta)
-    tol = DEFAULT_TOL.get(stop, DEFAULT_TOL["energy"]) if tol is None else tol     # resolved: it decides the bytes
-    fmt = checked(output_format, output, format, kohya_prefix, default=output_format(None))
-    nthreads = checked(check_threads, threads, default=1)
-    if not isinstance(pad_rank, bool):
-        problem(f"pad_rank must be True or False, got {pad_rank!r}")
-        pad_rank = False
-    if isinstance(max_group_bytes, bool) or not isinstance(max_group_bytes, int) or max_group_bytes < 1:
-        problem(f"max_group_bytes must be a positive integer, got {max_group_bytes!r}")
-        max_group_bytes = DEFAULT_GROUP_BYTES
+    s = options.MERGE.validate(given, None if strict else bad_setting)
+    params = {} if "method" in bad else checked(resolve_params, s.method, s.params, default={})
+    rank = 1 if s.rank is None else s.rank
+    fmt = checked(output_format, s.output, s.format, s.kohya_prefix, default=output_format(None))
     opened, sources, kept = open_adapters(adapters, problem)
-    w = checked(check_weights, weights, len(adapters), default=[1.0] * len(adapters))
+    w = checked(check_weights, s.weights, len(adapters), default=[1.0] * len(adapters))
     w = [w[i] for i in kept]                  # the weights of the adapters that opened
     opened = match_kohya_names(opened, problem)
     entries = plan_modules(opened, problem)
@@ -421,27 +388,27 @@ def make_plan(adapters: Sequence, *, rank, method: str = "ties", weights=None, b
         problem(f"no module is adapted by more than one of the {len(opened)} adapters (first modules: "
                 f"{', '.join(a.label + ': ' + next(iter(a.modules)) for a in opened[:2])}); adapters of "
                 "different base models, or module names that do not match, cannot be merged", AdapterError)
-    notes = choose_ranks(entries, rank, pad_rank)
-    if method == "iso_cts":
+    notes = choose_ranks(entries, rank, s.pad_rank)
+    if s.method == "iso_cts":
         for e in entries:
             if len(e.specs) >= e.rank:
                 problem(f"{e.name}: iso_cts needs fewer adapters at a module than its merged rank; "
                         f"{len(e.specs)} of the {len(opened)} adapters adapt it at rank {e.rank} (adapters "
                         f"{','.join(str(i) for i, _ in e.specs)}): give a higher rank or another method")
                 break
-    cdtype = checked(resolve_dtype, dtype, opened)
-    dev = checked(check_device, device)
+    cdtype = resolve_dtype(s.dtype, opened)
+    dev = checked(check_device, s.device)
+    output = None if s.output is None else Path(s.output)
     fmt.check_plan(entries, opened, output is not None, problem)
     if output is not None:
-        checked(check_output, Path(output), fmt, [s for s in sources if s is not None], overwrite)
-    plan = MergePlan(adapters=opened, weights=w, rank=rank, method=method, params=params, dtype=cdtype,
-                     device=dev, format=fmt, output=None if output is None else Path(output), overwrite=overwrite,
-                     max_group_bytes=max_group_bytes,
-                     engine=dict(beta=beta, scale=scale, stop=stop, tol=tol, max_iter=max_iter),
-                     modules=entries, problems=problem.found, notes=notes, sources=sources,
-                     names=[_name(adapters[i], ad) for i, ad in zip(kept, opened)], threads=nthreads,
-                     pad_rank=pad_rank)
-    plan.groups = plan_groups(entries, max_group_bytes) if entries else []
+        checked(check_output, output, fmt, [src for src in sources if src is not None], s.overwrite)
+    settings = replace(s, rank=rank, params=params, format=fmt.name, threads=resolve_threads(s.threads),
+                       dtype=None if cdtype is None else str(cdtype).removeprefix("torch."),
+                       tol=DEFAULT_TOL[s.stop] if s.tol is None else s.tol)     # resolved: they decide the bytes
+    plan = MergePlan(adapters=opened, weights=w, settings=settings, dtype=cdtype, device=dev, format=fmt,
+                     output=output, modules=entries, problems=problem.found, notes=notes, sources=sources,
+                     names=[_name(adapters[i], ad) for i, ad in zip(kept, opened)])
+    plan.groups = plan_groups(entries, s.max_group_bytes) if entries else []
     k = 0
     for g in plan.groups:
         plan.firsts.append(k)

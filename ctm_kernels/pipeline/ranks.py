@@ -1,13 +1,18 @@
 """The processes of a merge: this one alone, or the ranks of a ``torch.distributed`` group.
 
-Everything the pipeline shares between ranks goes through :class:`Ranks` (which groups each
-rank merges, one object broadcast from rank 0, every rank's object gathered on all ranks)
-and :func:`relay` (an error on one rank raised on every rank); :mod:`.launch` sets up the group
-for ``torchrun -m ctm_kernels``. No other module touches ``torch.distributed``.
+Everything the pipeline shares between ranks goes through :class:`Ranks`: which groups each
+rank merges, and the one failure protocol (:meth:`Ranks.together`, a step on every rank;
+:meth:`Ranks.first`, a step on rank 0; an error on one rank is raised on every rank).
+:mod:`.launch` sets up the group for ``torchrun -m ctm_kernels``. No other module touches
+``torch.distributed``.
 """
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 class Ranks:
@@ -60,6 +65,34 @@ class Ranks:
             owned[r].append(i)
             load[r] += sizes[i]
         return sorted(owned[self.rank])
+
+    def together(self, fn: Callable[[], T]) -> list[T]:
+        """``fn()`` on every rank; every rank's result, by rank, on every rank. An error on any
+        rank is raised on every rank (:func:`relay`)."""
+        if self.world == 1:
+            return [fn()]
+        own, value = None, None
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            own = e
+        gathered = self.gather((failure(own), value))
+        relay([f for f, _ in gathered], own)
+        return [v for _, v in gathered]
+
+    def first(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0 alone; its result on every rank, its error raised on every rank."""
+        if self.world == 1:
+            return fn()
+        own, value = None, None
+        if self.rank == 0:
+            try:
+                value = fn()
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                own = e
+        f, value = self.broadcast((failure(own), value))
+        relay([f], own)
+        return value
 
 
 def failure(e: BaseException | None) -> tuple[str, str] | None:

@@ -10,27 +10,40 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from ..io.stream import Adapter, ReadStats
+from ..io.adapter import Adapter, ReadStats
 from .plan import ModuleEntry
 
-Factors = list[list[tuple[int, torch.Tensor, torch.Tensor, float]]]
+
+@dataclass
+class AdapterFactors:
+    """One adapter's factors at one module: ``A [r, n]``, ``B [m, r]`` (checked finite, in the
+    merge dtype) and its LoRA ``scale``; ``adapter`` its index in the plan's adapters."""
+
+    adapter: int
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+# per module of a group, the factors of the adapters that adapt it
+Factors = list[list[AdapterFactors]]
 
 
 def load_group(adapters: list[Adapter], group: list[ModuleEntry], dtype: torch.dtype | None,
                stats: ReadStats | None = None) -> Factors:
-    """Factors of one group: per module, ``(adapter index, A [r, n], B [m, r], scale)`` for the
-    adapters that adapt it, checked finite and in ``dtype``. Each adapter's file is opened once
-    for the whole group."""
+    """Factors of one group: per module, those of the adapters that adapt it, checked finite
+    and in ``dtype``. Each adapter's file is opened once for the whole group."""
     wanted: dict[int, list[str]] = {}
     for e in group:
         for i, s in e.specs:
             wanted.setdefault(i, []).append(e.name)
     loaded = {i: adapters[i].load(names, dtype, stats) for i, names in wanted.items()}
-    return [[(i, *loaded[i][e.name], s.scale) for i, s in e.specs] for e in group]
+    return [[AdapterFactors(i, *loaded[i][e.name], s.scale) for i, s in e.specs] for e in group]
 
 
 _END = object()

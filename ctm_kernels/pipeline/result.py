@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ..io import AdapterError, LazyTensor, MergedModule, merged_config
+from ..io.destination import check_output
 from ..io.formats import OutputFormat, output_format
-from ..io.kohya import DEFAULT_PREFIX
+from ..options import DEFAULT_KOHYA_PREFIX
 from .config import resolved_config
-from .destination import check_output
 from .plan import MergePlan
 from .write import Output
 
@@ -119,7 +119,7 @@ class MergeResult:
         """Every tensor of the output in ``fmt``, the inputs' base tensors lazy."""
         return fmt.with_passthrough(fmt.tensors(self.modules), self.passthrough())
 
-    def state_dict(self, format: str = "peft", *, kohya_prefix: str = DEFAULT_PREFIX) -> dict[str, torch.Tensor]:
+    def state_dict(self, format: str = "peft", *, kohya_prefix: str = DEFAULT_KOHYA_PREFIX) -> dict[str, torch.Tensor]:
         """The merged adapter's tensors as PEFT (``base_model.model.<module>.lora_A.weight``...)
         or kohya (``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``) keys."""
         self._check_in_memory()
@@ -138,7 +138,7 @@ class MergeResult:
                       self.config, resolved)
 
     def save(self, path: str | os.PathLike, format: str | None = None, *, overwrite: bool = False,
-             kohya_prefix: str = DEFAULT_PREFIX) -> Path:
+             kohya_prefix: str = DEFAULT_KOHYA_PREFIX) -> Path:
         """Write a PEFT adapter folder or a kohya ``.safetensors`` file (``format`` None: kohya
         when ``path`` ends in ``.safetensors``), atomically: nothing appears at ``path`` unless
         the whole output was written. The bytes are those ``merge(..., output=path)`` writes, and
@@ -162,7 +162,7 @@ class MergeResult:
             f"merged {_plural(len(self.adapters), 'adapter')} into {_plural(len(self.modules), 'module')} at rank "
             f"{self.rank} with {self.method}{f' ({params})' if params else ''} in {self.seconds:.2f} s",
             f"subspace iterations per module: mean {sum(its) / max(1, len(its)):.1f}, max {max(its, default=0)}, "
-            f"stop test {self.plan.engine['stop'] if self.plan is not None else '?'}"
+            f"stop test {self.plan.settings.stop if self.plan is not None else '?'}"
             + (f"; {_plural(unconverged, 'module')} stopped at max_iter before it passed" if unconverged else ""),
             "each adapter's update: share of its energy in the merged subspace (at most 100 %) / how much of it "
             "the merged update carries, <dW_t, dW> / ||dW_t||^2 (100 %: at full strength):",

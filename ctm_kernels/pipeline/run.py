@@ -4,16 +4,18 @@ from __future__ import annotations
 import os
 import resource
 import time
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
 
-from ..io.stream import MergedModule
+from ..io.adapter import MergedModule
 from .merge import merge_group
 from .plan import MergePlan
-from .ranks import Ranks, failure, relay
+from .ranks import Ranks
 from .read import GroupReader
 from .result import MergeResult, MergeStats
+from .write import FileSink, MemorySink
 
 
 def _peak_rss_bytes() -> int:
@@ -85,38 +87,27 @@ def execute(plan: MergePlan, *, progress=False, prefetch: bool = True, distribut
         raise ValueError(plan.problems[0])
     ranks = Ranks.detect(distributed)
     order = ranks.share(plan.group_bytes())
-    result = MergeResult(modules=[_skeleton(e, plan.dtype) for e in plan.modules], rank=plan.rank,
-                         method=plan.method, params=plan.params, adapters=list(plan.names) or [a.label for a in plan.adapters],
+    result = MergeResult(modules=[_skeleton(e, plan.dtype) for e in plan.modules], rank=plan.settings.rank,
+                         method=plan.settings.method, params=plan.settings.params, adapters=list(plan.names) or [a.label for a in plan.adapters],
                          energy_kept=[], seconds=0.0, plan=plan, output=plan.output,
                          format=None if plan.output is None else plan.format.name)
 
-    def run(emit):
-        return _run_groups(plan, order, ranks, progress, prefetch, emit)
-
-    if plan.output is not None:
-        out = result.output_spec(plan.output, plan.format, plan.overwrite)
+    if plan.output is None:
+        sink = MemorySink()
+    else:
+        out = result.output_spec(plan.output, plan.format, plan.settings.overwrite)
         skeletons = {mm.name: mm for mm in result.modules}
         mine = [k for gi in order for e in plan.groups[gi] for k in plan.format.tensors([skeletons[e.name]])]
-        infos, all_stats = out.stream(ranks, run, mine)
-        for mm in result.modules:
-            mm.info = infos[mm.name]
-    else:
-        merged: list[MergedModule] = []
-        own, stats = None, None
-        try:
-            stats = run(merged.append)
-        except Exception as e:
-            if ranks.world == 1:
-                raise
-            own = e
-        gathered = ranks.gather((failure(own), merged if own is None else [], stats))
-        relay([f for f, *_ in gathered], own)
-        by_name = {mm.name: mm for _, mods, _ in gathered for mm in mods}
-        result.modules = [by_name[e.name] for e in plan.modules]
-        all_stats = [st for *_, st in gathered]
+        sink = FileSink(out, ranks, result.modules, mine)
+    with ExitStack() as stack:
+        sink.open(stack)
+        done = ranks.together(lambda: (_run_groups(plan, order, ranks, progress, prefetch, sink.emit), sink.part()))
+        by_name = sink.finish(stack, [part for _, part in done])
+    result.modules = [by_name[e.name] for e in plan.modules]
     total = MergeStats(world_size=ranks.world)
-    for st in all_stats:
+    for st, _ in done:
         total.add(st)
+    total.write_seconds += sink.finish_seconds          # rank 0's copying in of the other ranks' parts
     result.stats = total
     T = len(plan.adapters)
     kept_num, kept_den = [0.0] * T, [0.0] * T

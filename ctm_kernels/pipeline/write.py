@@ -1,13 +1,18 @@
-"""Stage 4, write: the merged modules into one atomic output, as their groups finish.
+"""Stage 4, write: where the merged modules go, as their groups finish.
 
-The output's header is computed from the plan (names, shapes, dtypes) before the first
-group is merged, so each merged tensor is written at its offset as soon as it exists and then
+A sink is opened once, handed each merged module (:meth:`emit`) by :func:`.run.execute` as its
+group finishes, gives what this rank made to the other ranks (:meth:`part`) and is finished
+with every rank's part. :class:`MemorySink` keeps the modules (a merge without an output);
+:class:`FileSink` writes them into one atomic output.
+
+The output's header is computed from the plan (names, shapes, dtypes) before the first group
+is merged, so each merged tensor is written at its offset as soon as it exists and then
 dropped. Everything goes to a temporary folder (file) next to the output that is renamed into
 place when complete. Under ``torch.distributed`` rank 0 writes the output and the other ranks
 write part files next to it that rank 0 copies in, tensor by tensor, once every rank is done:
 the bytes one process writes.
 
-Users' files are never written over (:mod:`.destination`).
+Users' files are never written over (:mod:`ctm_kernels.io.destination`).
 """
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
+from ..io.adapter import MergedModule
 from ..io.formats import OutputFormat
-from ..io.stream import LazyTensor, MergedModule, SafetensorsStore, SafetensorsWriter
-from .ranks import Ranks, failure, relay
+from ..io.safetensors_io import LazyTensor, SafetensorsStore, SafetensorsWriter, write_safetensors
+from .ranks import Ranks
 
 
 def _temporary(stack: ExitStack, dest: Path, fmt: OutputFormat, overwrite: bool) -> Path:
@@ -46,85 +52,102 @@ class Output:
         """Write in-memory ``tensors`` (named in this format already) as this output."""
         with ExitStack() as stack:
             final = _temporary(stack, self.dest, self.fmt, self.overwrite)
-            with SafetensorsWriter(final, self.layout, self.metadata) as w:
-                for name, t in tensors.items():
-                    w.write(name, t.load() if isinstance(t, LazyTensor) else t)
+            write_safetensors(final, tensors, self.metadata)
             self.fmt.finish(final, self.config, self.resolved)
         return self.dest
 
-    def stream(self, ranks: Ranks, run: Callable[[Callable[[MergedModule], None]], None],
-               mine: list[str]) -> tuple[dict[str, dict], list]:
-        """Call ``run(emit)``, which merges this rank's modules (named ``mine``) and hands each to
-        ``emit`` as its group finishes, writing them into the output; returns every module's
-        info (all ranks') and every rank's ``run`` statistics (as ``run`` returns them).
 
-        Every failure is raised on every rank, and leaves nothing at ``dest``."""
-        infos: dict[str, dict] = {}
-        reached_end = False
-        err = None
-        gathered = []
-        try:
-            with ExitStack() as stack:
-                # rank 0 sets up the temporary output (and the part folder) and tells the others
-                own, setup, parts, writer = None, None, None, None
-                if ranks.rank == 0:
-                    try:
-                        final = _temporary(stack, self.dest, self.fmt, self.overwrite)
-                        writer = stack.enter_context(SafetensorsWriter(final, self.layout, self.metadata))
-                        if ranks.world > 1:
-                            parts = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.parts-", dir=self.dest.parent))
-                            stack.callback(shutil.rmtree, parts, True)
-                    except Exception as e:
-                        if ranks.world == 1:
-                            raise
-                        own, setup = e, failure(e)
-                parts_name, setup = ranks.broadcast((None if parts is None else str(parts), setup))
-                relay([setup], own)
+class MemorySink:
+    """The merged modules, kept in memory (every rank's, on every rank)."""
 
-                def emit(mm):
-                    infos[mm.name] = mm.info
-                    for key, t in self.fmt.tensors([mm]).items():
-                        writer.write(key, t)
+    def __init__(self):
+        self.modules: list[MergedModule] = []
+        self.finish_seconds = 0.0
 
-                own, stats = None, None
-                try:
-                    if ranks.rank != 0:
-                        keys = [k for k in self.layout if k in set(mine)]
-                        path = Path(parts_name) / f"part-{ranks.rank:05d}.safetensors"
-                        writer = stack.enter_context(SafetensorsWriter(path, {k: self.layout[k] for k in keys}))
-                    stats = run(emit)
-                    if ranks.rank != 0:
-                        writer.close()
-                except Exception as e:
-                    if ranks.world == 1:
-                        raise
-                    own = e
-                gathered = ranks.gather((failure(own), infos, stats))
-                relay([f for f, *_ in gathered], own)
-                for r, (_, their_infos, _) in enumerate(gathered):
-                    if r != ranks.rank:
-                        infos.update(their_infos)
-                reached_end = True
-                if ranks.rank == 0:
-                    t0 = time.perf_counter()
-                    for r in range(1, ranks.world):
-                        part = SafetensorsStore(Path(parts_name) / f"part-{r:05d}.safetensors")
-                        for key in part.keys():
-                            writer.write(key, part.get([key])[key])
-                    for key, t in self.layout.items():
-                        if isinstance(t, LazyTensor):
-                            writer.write(key, t.load())
-                    writer.close()
-                    self.fmt.finish(final, self.config, self.resolved)
-                    gathered[0][2].write_seconds += time.perf_counter() - t0
-        except Exception as e:
-            if not reached_end or ranks.world == 1:
-                raise
-            err = e
-        if ranks.world > 1:
-            # every rank returns once the output is in place (or raises when it is not)
-            status = ranks.broadcast(None if err is None or ranks.rank != 0 else failure(err))
-            if err is not None:
-                raise err
-            relay([status], None)
-        return infos, [st for *_, st in gathered]
+    def open(self, stack: ExitStack) -> None:
+        """Nothing to set up: memory needs no temporary to clean up."""
+
+    def emit(self, mm: MergedModule) -> None:
+        self.modules.append(mm)
+
+    def part(self) -> list[MergedModule]:
+        return self.modules
+
+    def finish(self, stack: ExitStack, parts: list[list[MergedModule]]) -> dict[str, MergedModule]:
+        """Every rank's modules by name."""
+        return {mm.name: mm for modules in parts for mm in modules}
+
+
+class FileSink:
+    """The merged modules written into ``output`` as they come; the result keeps their
+    ``skeletons`` (meta tensors) with the engine's report. ``mine``: the tensor names this
+    rank writes."""
+
+    def __init__(self, output: Output, ranks: Ranks, skeletons: list[MergedModule], mine: list[str]):
+        self.output, self.ranks, self.mine = output, ranks, set(mine)
+        self.skeletons = {mm.name: mm for mm in skeletons}
+        self.infos: dict[str, dict] = {}
+        self.writer: SafetensorsWriter | None = None
+        self.final: Path | None = None          # rank 0: the temporary weights file
+        self.parts: str | None = None           # under torchrun: the folder of the other ranks' parts
+        self.finish_seconds = 0.0
+
+    def open(self, stack: ExitStack) -> None:
+        """Rank 0 sets up the temporary output (and a folder for the other ranks' parts), whose
+        renaming or removal ``stack`` owns."""
+        out, ranks = self.output, self.ranks
+        self.stack = stack
+
+        def setup():
+            self.final = _temporary(stack, out.dest, out.fmt, out.overwrite)
+            self.writer = stack.enter_context(SafetensorsWriter(self.final, out.layout, out.metadata))
+            if ranks.world > 1:
+                parts = Path(tempfile.mkdtemp(prefix=f".{out.dest.name}.parts-", dir=out.dest.parent))
+                stack.callback(shutil.rmtree, parts, True)
+                return str(parts)
+
+        self.parts = ranks.first(setup)
+
+    def _writer(self) -> SafetensorsWriter:
+        """Rank 0's output file, or this rank's part file (opened on first use)."""
+        if self.writer is None:
+            path = Path(self.parts) / f"part-{self.ranks.rank:05d}.safetensors"
+            layout = {k: t for k, t in self.output.layout.items() if k in self.mine}
+            self.writer = self.stack.enter_context(SafetensorsWriter(path, layout))
+        return self.writer
+
+    def emit(self, mm: MergedModule) -> None:
+        self.infos[mm.name] = mm.info
+        for key, t in self.output.fmt.tensors([mm]).items():
+            self._writer().write(key, t)
+
+    def part(self) -> dict[str, dict]:
+        """This rank's modules' reports, its part file complete."""
+        if self.ranks.rank != 0:
+            self._writer().close()
+        return self.infos
+
+    def finish(self, stack: ExitStack, parts: list[dict[str, dict]]) -> dict[str, MergedModule]:
+        """Rank 0 copies the other ranks' parts and the inputs' base tensors in and puts the
+        output in place (closing ``stack``); every rank returns once it is there."""
+        out = self.output
+
+        def complete():
+            t0 = time.perf_counter()
+            for r in range(1, self.ranks.world):
+                part = SafetensorsStore(Path(self.parts) / f"part-{r:05d}.safetensors")
+                for key in part.keys():
+                    self.writer.write(key, part.get([key])[key])
+            for key, t in out.layout.items():
+                if isinstance(t, LazyTensor):
+                    self.writer.write(key, t.load())
+            self.writer.close()
+            out.fmt.finish(self.final, out.config, out.resolved)
+            self.finish_seconds = time.perf_counter() - t0
+            stack.close()
+
+        self.ranks.first(complete)
+        for infos in parts:
+            for name, info in infos.items():
+                self.skeletons[name].info = info
+        return self.skeletons
