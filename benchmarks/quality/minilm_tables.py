@@ -353,6 +353,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="+", help="override the methods (e.g. ctm ctm_b1 mtc: beta 1 beside 0)")
     parser.add_argument("--rules", nargs="+", help="override the rules")
     parser.add_argument("--ranks", type=int, nargs="+", help="override the ranks")
+    parser.add_argument("--extend", action="store_true", help="merge the seeds again with the overrides and add "
+                        "the new rows to their earlier results file")
     parser.add_argument("--tag", default="", help="suffix of the output files (runs with overrides)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -373,6 +375,18 @@ def main(argv=None) -> dict:
         if args.reuse and not args.quick and cached.is_file():
             outs.append(json.loads(cached.read_text()))
             print(f"seed {s}: reused {cached}" + ("" if outs[-1].get("complete", True) else " (partial)"))
+            continue
+        if args.extend and cached.is_file():
+            # add this run's rows (other ranks or methods) to a seed's earlier results
+            old = json.loads(cached.read_text())
+            new = run_seed(s, cfg, tok, base, partial=cached.with_suffix(".extend.json"))
+            have = {(r["rank"], r["method"], r["rule"]) for r in old["results"]}
+            old["results"] += [r for r in new["results"] if (r["rank"], r["method"], r["rule"]) not in have]
+            ranks = {x["rank"] for x in old.get("subspaces", [])}
+            old["subspaces"] = old.get("subspaces", []) + [x for x in new["subspaces"] if x["rank"] not in ranks]
+            outs.append(old)
+            write_json(cached, old)
+            cached.with_suffix(".extend.json").unlink(missing_ok=True)
             continue
         outs.append(run_seed(s, cfg, tok, base, partial=None if args.quick else cached))
         if not args.quick:
