@@ -378,15 +378,15 @@ def main(argv=None) -> dict:
             continue
         if args.extend and cached.is_file():
             # add this run's rows (other ranks or methods) to a seed's earlier results
-            old = json.loads(cached.read_text())
-            new = run_seed(s, cfg, tok, base, partial=cached.with_suffix(".extend.json"))
+            new = run_seed(s, cfg, tok, base, partial=cached.with_suffix(f".extend{os.getpid()}.json"))
+            old = json.loads(cached.read_text())       # read after the run: another run may have extended it
             have = {(r["rank"], r["method"], r["rule"]) for r in old["results"]}
             old["results"] += [r for r in new["results"] if (r["rank"], r["method"], r["rule"]) not in have]
             ranks = {x["rank"] for x in old.get("subspaces", [])}
             old["subspaces"] = old.get("subspaces", []) + [x for x in new["subspaces"] if x["rank"] not in ranks]
             outs.append(old)
             write_json(cached, old)
-            cached.with_suffix(".extend.json").unlink(missing_ok=True)
+            cached.with_suffix(f".extend{os.getpid()}.json").unlink(missing_ok=True)
             continue
         outs.append(run_seed(s, cfg, tok, base, partial=None if args.quick else cached))
         if not args.quick:
