@@ -78,7 +78,7 @@ class MergePlan:
 
     ``settings``: the merge's settings, resolved (rule parameters with their defaults, the
     tolerance of the stop test, the thread count, the dtype and format chosen); ``dtype``,
-    ``device`` and ``format`` as the merge uses them.
+    ``device`` and ``output_format`` (the format's object) as the merge uses them.
 
     ``modules`` in output order, each with its merged rank; ``groups`` lists of modules (same
     kind, shape and merged rank; at most ``max_group_bytes`` of input factors each) in the
@@ -91,7 +91,7 @@ class MergePlan:
     settings: Settings
     dtype: torch.dtype | None
     device: torch.device | None
-    format: OutputFormat
+    output_format: OutputFormat
     output: Path | None
     modules: list[ModuleEntry] = field(default_factory=list)
     groups: list[list[ModuleEntry]] = field(default_factory=list)
@@ -140,7 +140,7 @@ class MergePlan:
             "adapters": [{"label": n, "format": a.format, "weight": w, "modules": len(a.modules)}
                          for n, a, w in zip(self.names, self.adapters, self.weights)],
             "rank": s.rank, "pad_rank": s.pad_rank, "threads": s.threads, "method": s.method, "params": dict(s.params),
-            "format": self.format.name,
+            "format": self.output_format.name,
             "output": None if self.output is None else str(self.output),
             "modules": [{"name": e.name, "kind": e.first.kind, "out": e.first.out_features,
                          "in": e.first.in_features, "rank": e.rank, "stacked_rank": e.stacked_rank,
@@ -159,7 +159,7 @@ class MergePlan:
         params = ", ".join(f"{k}={v}" for k, v in sorted(s.params.items()))
         lines = [f"merge {T} adapter{'s' if T != 1 else ''} with {s.method}"
                  f"{f' ({params})' if params else ''} at rank {s.rank}"
-                 + (f" into {self.output} ({self.format.name})" if self.output is not None else "")
+                 + (f" into {self.output} ({self.output_format.name})" if self.output is not None else "")
                  + f", {s.threads} CPU thread{'s' if s.threads != 1 else ''}"]
         width = max((len(n) for n in self.names), default=0)
         for i, (name, ad, w) in enumerate(zip(self.names, self.adapters, self.weights)):
@@ -405,7 +405,8 @@ def make_plan(adapters: Sequence, *, strict: bool = True, **given) -> MergePlan:
     settings = replace(s, rank=rank, params=params, format=fmt.name, threads=resolve_threads(s.threads),
                        dtype=None if cdtype is None else str(cdtype).removeprefix("torch."),
                        tol=DEFAULT_TOL[s.stop] if s.tol is None else s.tol)     # resolved: they decide the bytes
-    plan = MergePlan(adapters=opened, weights=w, settings=settings, dtype=cdtype, device=dev, format=fmt,
+    plan = MergePlan(adapters=opened, weights=w, settings=settings, dtype=cdtype, device=dev,
+                     output_format=fmt,
                      output=output, modules=entries, problems=problem.found, notes=notes, sources=sources,
                      names=[_name(adapters[i], ad) for i, ad in zip(kept, opened)])
     plan.groups = plan_groups(entries, s.max_group_bytes) if entries else []

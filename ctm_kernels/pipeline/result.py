@@ -13,7 +13,7 @@ from ..io.formats import OutputFormat, output_format
 from ..options import DEFAULT_KOHYA_PREFIX
 from .config import resolved_config
 from .plan import MergePlan
-from .write import Output
+from .write import OutputSpec
 
 
 @dataclass
@@ -131,11 +131,11 @@ class MergeResult:
                 "ctm_params": ",".join(f"{k}={v}" for k, v in sorted(self.params.items())),
                 "ctm_adapters": str(len(self.adapters))}
 
-    def output_spec(self, dest: Path, fmt: OutputFormat, overwrite: bool) -> Output:
-        """The :class:`~.write.Output` that writes this result to ``dest`` in ``fmt``."""
+    def output_spec(self, dest: Path, fmt: OutputFormat, overwrite: bool) -> OutputSpec:
+        """The :class:`~.write.OutputSpec` that writes this result to ``dest`` in ``fmt``."""
         resolved = resolved_config(self.plan, fmt)
-        return Output(dest, fmt, overwrite, self._tensors(fmt), fmt.metadata(self.metadata(), self.plan.out_rank, resolved),
-                      self.config, resolved)
+        meta = fmt.metadata(self.metadata(), self.plan.out_rank, resolved)
+        return OutputSpec(dest, fmt, overwrite, self._tensors(fmt), meta, self.config, resolved)
 
     def save(self, path: str | os.PathLike, format: str | None = None, *, overwrite: bool = False,
              kohya_prefix: str = DEFAULT_KOHYA_PREFIX) -> Path:

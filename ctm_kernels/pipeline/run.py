@@ -90,14 +90,14 @@ def execute(plan: MergePlan, *, progress=False, prefetch: bool = True, distribut
     result = MergeResult(modules=[_skeleton(e, plan.dtype) for e in plan.modules], rank=plan.settings.rank,
                          method=plan.settings.method, params=plan.settings.params, adapters=list(plan.names) or [a.label for a in plan.adapters],
                          energy_kept=[], seconds=0.0, plan=plan, output=plan.output,
-                         format=None if plan.output is None else plan.format.name)
+                         format=None if plan.output is None else plan.output_format.name)
 
     if plan.output is None:
         sink = MemorySink()
     else:
-        out = result.output_spec(plan.output, plan.format, plan.settings.overwrite)
+        out = result.output_spec(plan.output, plan.output_format, plan.settings.overwrite)
         skeletons = {mm.name: mm for mm in result.modules}
-        mine = [k for gi in order for e in plan.groups[gi] for k in plan.format.tensors([skeletons[e.name]])]
+        mine = [k for gi in order for e in plan.groups[gi] for k in plan.output_format.tensors([skeletons[e.name]])]
         sink = FileSink(out, ranks, result.modules, mine)
     with ExitStack() as stack:
         sink.open(stack)

@@ -37,7 +37,7 @@ def _temporary(stack: ExitStack, dest: Path, fmt: OutputFormat, overwrite: bool)
         raise ValueError(f"{dest.parent}: no permission to write the output there ({e.strerror})") from None
 
 
-class Output:
+class OutputSpec:
     """What is written: ``layout`` (every tensor name -> a meta tensor or a :class:`LazyTensor`,
     in file order) in format ``fmt`` with the file's ``metadata``; ``config`` makes the PEFT
     adapter config and ``resolved`` is the resolved merge config, for the format to place."""
@@ -83,7 +83,7 @@ class FileSink:
     ``skeletons`` (meta tensors) with the engine's report. ``mine``: the tensor names this
     rank writes."""
 
-    def __init__(self, output: Output, ranks: Ranks, skeletons: list[MergedModule], mine: list[str]):
+    def __init__(self, output: OutputSpec, ranks: Ranks, skeletons: list[MergedModule], mine: list[str]):
         self.output, self.ranks, self.mine = output, ranks, set(mine)
         self.skeletons = {mm.name: mm for mm in skeletons}
         self.infos: dict[str, dict] = {}
