@@ -62,7 +62,7 @@ POLAR_EIGH_RCOND = 1e-6   # M^T M this near singular (cond(M) > 1e3) takes the S
 @dataclass(frozen=True)
 class SolverSettings:
     """The subspace solver's tuning, declared once. Frozen: a caller (a test, a benchmark)
-    passes its own instance down (``solve_subspace(..., settings=)``, ``GroupPlan(...,
+    passes its own instance down (``solve_subspace(..., settings=)``, ``PreparedGroup(...,
     solver=)``, ``merge_layer(..., solver=)``); nothing patches module globals.
 
     Anderson acceleration (measured as sweeps to tol=1e-4, plain HOOI / these settings, on
@@ -747,7 +747,8 @@ class _Acceleration:
         self.plain_step = torch.where(plain, step, self.plain_step)
         q = self.ratios
         last = q[:, -1]
-        steady = ~torch.isnan(q).any(-1) & (q.amax(-1) < 1) & (q.amax(-1) - q.amin(-1) <= self.s.gate_drift * (1 - last))
+        spread = q.amax(-1) - q.amin(-1)
+        steady = ~torch.isnan(q).any(-1) & (q.amax(-1) < 1) & (spread <= self.s.gate_drift * (1 - last))
         opening = steady & ~self.gate
         self.rate = torch.where(opening, last, self.rate)
         self.gate |= steady
@@ -906,7 +907,7 @@ def solve_subspace(side_b: _Side, side_a: _Side, c, T, rank, *, stop="energy", t
 
 
 # ------------------------------------------------------------------------------------------
-# plans
+# prepared layers and groups
 
 
 def _stack(layers, rb, dtype, device):
@@ -928,7 +929,7 @@ def _stack(layers, rb, dtype, device):
     return Bh, Ah, colscale.to(device)
 
 
-class GroupPlan:
+class PreparedGroup:
     """The subspace and coordinates of a group of same-shape layers; ``merge`` re-merges with
     any rule and scale without touching the subspace (one rule + one lift per call)."""
 
@@ -1053,10 +1054,10 @@ class GroupPlan:
         return [MergedLayer(Ao[l], Bo[l], infos[l], method, params, shares[l]) for l in range(len(infos))]
 
 
-class Plan:
-    """Plan of one layer (see :func:`prepare`): layer ``j`` of a (possibly batched) group plan."""
+class PreparedLayer:
+    """One prepared layer (see :func:`prepare`): layer ``j`` of a (possibly batched) prepared group."""
 
-    def __init__(self, group: GroupPlan, j: int = 0):
+    def __init__(self, group: PreparedGroup, j: int = 0):
         self._group = group
         self._j = j
         self.info = group.infos[j]
@@ -1085,17 +1086,18 @@ class Plan:
 
 
 def prepare(A, B, *, rank, beta=0.0, weights=None, scales=None, stop="energy", tol=None, max_iter=1000,
-            accelerate=True, device=None, backend=None, solver=None) -> Plan:
+            accelerate=True, device=None, backend=None, solver=None) -> PreparedLayer:
     """Find the shared subspace of one layer and the coordinates of every adapter.
 
     A: list of ``[r_t, n]`` (lora_A), B: list of ``[m, r_t]`` (lora_B), ``scales`` the LoRA
     scaling of each adapter (alpha/r or alpha/sqrt(r)), ``weights`` the user's weights.
-    The returned plan's ``merge(method, scale=..., **rule_params)`` costs one rule and one lift.
+    The returned layer's ``merge(method, scale=..., **rule_params)`` costs one rule and one lift.
     ``solver``: the solver's tuning (:class:`SolverSettings`; None: the defaults)."""
     check_solver(stop, tol, max_iter, beta, solver)
     _, _, _, s, w = check_layer(A, B, scales, weights, rank=rank)
-    return Plan(GroupPlan([(list(A), list(B), s, w)], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
-                          accelerate=accelerate, device=device, backend_name=backend, solver=solver))
+    group = PreparedGroup([(list(A), list(B), s, w)], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
+                          accelerate=accelerate, device=device, backend_name=backend, solver=solver)
+    return PreparedLayer(group)
 
 
 def merge_layer(A, B, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, scales=None,
@@ -1147,8 +1149,8 @@ def _layer_ids(layer_ids, count):
 
 
 def prepare_layers(layers, *, rank, beta=0.0, weights=None, stop="energy", tol=None, max_iter=1000, accelerate=True,
-                   device=None, backend=None, max_group=None, layer_ids=None, solver=None) -> list[Plan]:
-    """Plans for many layers: ``layers`` is a list of ``(A_list, B_list[, scales])``; ``weights``
+                   device=None, backend=None, max_group=None, layer_ids=None, solver=None) -> list[PreparedLayer]:
+    """Prepared layers, many at once: ``layers`` is a list of ``(A_list, B_list[, scales])``; ``weights``
     is one list for all layers or a list of per-layer lists. Same-shape layers are batched.
     ``layer_ids`` (default ``0..len-1``) identify the layers to seeded rules (DARE): give each
     module of a model its own id so that its mask does not depend on how it is batched.
@@ -1156,17 +1158,17 @@ def prepare_layers(layers, *, rank, beta=0.0, weights=None, stop="energy", tol=N
     check_solver(stop, tol, max_iter, beta, solver)
     norm = _normalise_layers(layers, weights, rank)
     ids = _layer_ids(layer_ids, len(norm))
-    plans: list[Plan | None] = [None] * len(norm)
+    prepared: list[PreparedLayer | None] = [None] * len(norm)
     for idx in group_keys(norm).values():
         step = max_group or len(idx)
         for k in range(0, len(idx), step):
             chunk = idx[k:k + step]
-            group = GroupPlan([norm[i] for i in chunk], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
+            group = PreparedGroup([norm[i] for i in chunk], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                               accelerate=accelerate, device=device, backend_name=backend,
                               layer_ids=[ids[i] for i in chunk], solver=solver)
             for j, i in enumerate(chunk):
-                plans[i] = Plan(group, j)
-    return plans
+                prepared[i] = PreparedLayer(group, j)
+    return prepared
 
 
 def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=None, stop="energy", tol=None,
@@ -1179,7 +1181,7 @@ def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=No
     ids = _layer_ids(layer_ids, len(norm))
     out: list[MergedLayer | None] = [None] * len(norm)
     for idx in group_keys(norm).values():
-        group = GroupPlan([norm[i] for i in idx], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
+        group = PreparedGroup([norm[i] for i in idx], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
                           accelerate=accelerate, device=device, backend_name=backend,
                           layer_ids=[ids[i] for i in idx], solver=solver)
         for j, merged in zip(idx, group.merge(method, scale=scale, **rule_params)):

@@ -420,7 +420,7 @@ def test_rank_above_min_m_n_is_refused(m, n):
 
 
 def test_bases_are_orthonormal_whatever_the_adapters_scales():
-    """``Plan.bases()`` spans the scaled updates: orthonormal columns with ``U^T dW_t V`` the
+    """``PreparedLayer.bases()`` spans the scaled updates: orthonormal columns with ``U^T dW_t V`` the
     coordinates, for adapters with unequal scales and weights."""
     A, B, scales, rank = _case("mixed_ranks", torch.float64)
     plan = ck.prepare(A, B, rank=rank, scales=scales, weights=[0.5, 2.0, 1.0])
