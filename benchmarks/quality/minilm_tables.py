@@ -12,6 +12,13 @@ seeds, the energy each method's rank-r result keeps of every adapter, and the ad
 spectra and overlap. Heads stay per task (only backbone updates merge).
 Writes ``benchmarks/results/quality_minilm[_paper][_quick].{json,md}``.
 
+The committed tables were made seed by seed (each run writes
+``benchmarks/results/quality_minilm_seeds/seed<k>_project.json`` as it goes), then summarised::
+
+    python -m benchmarks.quality.minilm_tables --seeds 0 --only-seeds    # and 1, 2 (one process each)
+    python -m benchmarks.quality.minilm_tables --seeds 0 --only-seeds --extend --ranks 16 --methods ctm_b1
+    python -m benchmarks.quality.minilm_tables --reuse --methods ctm ctm_b1 mtc core_mtc full
+
 The lambda search climbs the grid (``minilm.Evaluator.val_scores``) from the best lambda of
 the previous method with the same rule (the grid's middle for the first): a merged-model
 evaluation is a forward pass of the 22M-parameter model over every validation example, and
@@ -261,7 +268,9 @@ def to_markdown(outs, summary, cfg: Config, meta, seconds) -> str:
     short = [t.replace("_", " ") for t in names]
     lines = ["# Merge quality on the MiniLM zoo", "",
              f"{meta['date']}, commit `{meta['commit']}`, {meta['machine']['cpu']}, torch {meta['versions']['torch']}, "
-             f"{torch.get_num_threads()} torch thread(s). Run time {seconds:.0f} s, seeds {[o['seed'] for o in outs]}.", "",
+             f"{torch.get_num_threads()} torch thread(s). Run time of this command {seconds:.0f} s (seeds taken from "
+             "`quality_minilm_seeds/` with `--reuse`); merging time of each seed's first run: "
+             + ", ".join(f"seed {o['seed']} {o['seconds']:.0f} s" for o in outs if "seconds" in o) + ".", "",
              "Zoo: all-MiniLM-L6-v2 (6-layer BERT, hidden 384), one rank-16 LoRA (alpha 32) per task on query, key, "
              "value, attention output, intermediate and output dense of all 6 blocks (36 modules), a linear head per "
              "task on the mean-pooled last hidden state (heads are not merged). Eight tasks from WordNet 3.0 and the "
