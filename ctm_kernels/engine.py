@@ -1175,15 +1175,26 @@ def merge_layers(layers, *, rank, method="ties", beta=0.0, scale=1.0, weights=No
                  max_iter=1000, accelerate=True, device=None, backend=None, layer_ids=None, solver=None,
                  **rule_params) -> list[MergedLayer]:
     """Merge many layers (same-shape ones batched); see :func:`prepare_layers`."""
-    resolve_params(method, rule_params)
+    params = resolve_params(method, rule_params)
     check_solver(stop, tol, max_iter, beta, solver)
     norm = _normalise_layers(layers, weights, rank)
-    ids = _layer_ids(layer_ids, len(norm))
-    out: list[MergedLayer | None] = [None] * len(norm)
-    for idx in group_keys(norm).values():
-        group = PreparedGroup([norm[i] for i in idx], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
-                          accelerate=accelerate, device=device, backend_name=backend,
-                          layer_ids=[ids[i] for i in idx], solver=solver)
-        for j, merged in zip(idx, group.merge(method, scale=scale, **rule_params)):
+    return merge_checked_layers(norm, _layer_ids(layer_ids, len(norm)), rank=rank, method=method, params=params,
+                                beta=beta, scale=scale, stop=stop, tol=tol, max_iter=max_iter, accelerate=accelerate,
+                                device=device, backend=backend, solver=solver)
+
+
+def merge_checked_layers(layers, layer_ids, *, rank, method, params, beta, scale, stop, tol, max_iter,
+                         accelerate=True, device=None, backend=None, solver=None) -> list[MergedLayer]:
+    """:func:`merge_layers` without its checks, for a caller that has made them: the pipeline,
+    whose plan checked every setting and whose reader checked every factor (finite, shapes),
+    so a model's factors are scanned once. ``layers``: ``(A_list, B_list, scales, weights)``
+    with float lists, as :func:`check_layer` returns them; ``params``: the rule's resolved
+    parameters; ``layer_ids``: one id per layer."""
+    out: list[MergedLayer | None] = [None] * len(layers)
+    for idx in group_keys(layers).values():
+        group = PreparedGroup([layers[i] for i in idx], rank=rank, beta=beta, stop=stop, tol=tol, max_iter=max_iter,
+                              accelerate=accelerate, device=device, backend_name=backend,
+                              layer_ids=[layer_ids[i] for i in idx], solver=solver)
+        for j, merged in zip(idx, group.merge(method, scale=scale, **params)):
             out[j] = merged
     return out

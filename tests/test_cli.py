@@ -300,7 +300,7 @@ def test_bad_input_in_inspect(tmp_path, capsys):
 def test_internal_error_exit_1(three, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kernel exploded\nsecond line")
-    monkeypatch.setattr("ctm_kernels.pipeline.merge.merge_layers", boom)
+    monkeypatch.setattr("ctm_kernels.pipeline.merge.merge_checked_layers", boom)
     rc = main(["merge", str(three[0]), "-o", str(tmp_path / "m"), "--rank", "2"])
     err = capsys.readouterr().err
     assert rc == 1

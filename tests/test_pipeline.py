@@ -694,3 +694,22 @@ def test_resolved_config_repeats_a_merge_with_every_solver_setting(two, tmp_path
     again = tmp_path / "again"
     assert main(["merge", "--config", str(out / "ctm_merge.yaml"), "-o", str(again), "-q"]) == 0
     assert _tree(again) == _tree(out)
+
+
+def test_the_engine_does_not_check_again_what_the_pipeline_checked(monkeypatch):
+    """The plan checks the settings and the reader every factor (finite, shapes): the merge stage
+    hands them to the engine's unchecked entry, so a model's factors are scanned once. The
+    engine's public entry still checks (a direct caller's boundary)."""
+    from ctm_kernels import engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engine checked a layer the reader had checked")
+    checked = engine.check_layer
+    monkeypatch.setattr(engine, "check_layer", refuse)
+    res = ctm_kernels.merge([str(EXAMPLES / "math"), str(EXAMPLES / "code")], rank=8, method="ties")
+    assert len(res.modules) > 0
+    with pytest.raises(AssertionError, match="checked a layer"):
+        engine.merge_layers([([torch.zeros(2, 4)], [torch.zeros(4, 2)])], rank=2)
+    monkeypatch.setattr(engine, "check_layer", checked)
+    with pytest.raises(ValueError, match="NaN"):
+        engine.merge_layers([([torch.full((2, 4), float("nan"))], [torch.zeros(4, 2)])], rank=2)

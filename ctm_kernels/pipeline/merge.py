@@ -1,7 +1,7 @@
 """Stage 3, merge: one module group's factors through the engine as one batched problem."""
 from __future__ import annotations
 
-from ..engine import merge_layers
+from ..engine import merge_checked_layers
 from ..io.adapter import MergedModule
 from .plan import MergePlan
 from .read import Factors
@@ -19,20 +19,21 @@ def merge_group(plan: MergePlan, gi: int, factors: Factors) -> list[MergedModule
     group = plan.groups[gi]
     settings = plan.settings
     T = len(plan.adapters)
-    layers, layer_w, shrink = [], [], []
+    layers, shrink = [], []
     for mod in factors:
         k = len(mod)
         f = k / T if settings.method == "mean" else 1.0
-        layers.append(([x.A for x in mod], [x.B for x in mod], [x.scale for x in mod]))
-        layer_w.append([plan.weights[x.adapter] * f for x in mod])
+        layers.append(([x.A for x in mod], [x.B for x in mod], [float(x.scale) for x in mod],
+                       [float(plan.weights[x.adapter] * f) for x in mod]))
         shrink.append(f)
     # each module is identified by its position among all modules, so that its DARE mask is
     # the same whatever the group sizes (max_group_bytes) and whichever rank merges it
     first = plan.firsts[gi]
-    out = merge_layers(layers, rank=group[0].rank, method=settings.method, weights=layer_w,
-                       layer_ids=range(first, first + len(layers)), device=plan.device, beta=settings.beta,
-                       scale=settings.scale, stop=settings.stop, tol=settings.tol, max_iter=settings.max_iter,
-                       **settings.params)
+    # the plan checked the settings and the reader the factors: the engine does not again
+    out = merge_checked_layers(layers, list(range(first, first + len(layers))), rank=group[0].rank,
+                               method=settings.method, params=settings.params, device=plan.device,
+                               beta=settings.beta, scale=settings.scale, stop=settings.stop, tol=settings.tol,
+                               max_iter=settings.max_iter)
     del layers
     merged = []
     for e, res, f in zip(group, out, shrink):
