@@ -12,13 +12,11 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 import ctm_kernels
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover
+else:  # pragma: no cover - Python 3.10 reads the installed metadata instead
     tomllib = None
 
 PACKAGE = Path(ctm_kernels.__file__).resolve().parent
@@ -109,10 +107,14 @@ def imports() -> dict[str, list[tuple[str, int, bool]]]:
 
 def optional_dependencies() -> set[str]:
     """Top-level import names of the distributions only an extra installs (pyproject.toml)."""
-    if tomllib is None:
-        pytest.skip("tomllib needs Python 3.11")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = lambda reqs: {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("-", "_") for r in reqs}
+    if tomllib is None:       # the installed distribution's requirements, extras marked
+        import importlib.metadata
+
+        reqs = importlib.metadata.requires("ctm_kernels") or []
+        core = names(r for r in reqs if "extra ==" not in r)
+        return names(r for r in reqs if "extra ==" in r) - core
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = names(project.get("dependencies", []))
     return {n for extra in project.get("optional-dependencies", {}).values() for n in names(extra)} - core
 
