@@ -9,7 +9,7 @@ total (``E = sum_t ||U^T dW_t V||^2 / sum_t ||dW_t||^2``). Each candidate (``tol
 replayed on the recorded windows with the engine's own estimate (``reference.energy_left``):
 where it would stop, after how many sweeps, and how far its ``E`` is from the converged one.
 
-The check comes first: on ``--check`` sets the replayed stop of the default settings must be
+Checked before any analysis: on the first ``--check`` sets the replayed stop of the default settings must be
 the sweep at which the engine itself stops, with the same ``stopped_by``.
 
     python benchmarks/bench_default_tol.py --count 3000              # results/default_tol.json
@@ -79,13 +79,14 @@ def replay(path: list, tol: float, flat_sweeps: int | None, flat_share: float | 
     return len(path), "max_iter"
 
 
-def check(indices) -> list[dict]:
-    """The replay of the default settings against the engine's own default stop."""
+def check(paths: list[dict]) -> list[dict]:
+    """The replay of the default settings against the engine's own default stop, on the sets of
+    ``paths`` (recorded by :func:`record_path`)."""
     rows = []
-    for i in indices:
-        rec, case = record_path(i), hooi_case(i)
+    s = engine.DEFAULT_SOLVER
+    for rec in paths:
+        case = hooi_case(rec["index"])
         out = ck.merge_layer(case.A, case.B, **_kw(case))
-        s = engine.DEFAULT_SOLVER
         sweeps, why = replay(rec["path"], engine.DEFAULT_TOL["energy"], s.flat_sweeps, s.flat_share)
         rows.append({"case": rec["case"], "engine": [out.info.iterations, out.info.stopped_by], "replay": [sweeps, why]})
         if (sweeps, why) != (out.info.iterations, out.info.stopped_by):
@@ -130,8 +131,8 @@ def main(argv=None) -> int:
         seconds = sum(part["seconds"] for part in parts)
     else:
         t0 = time.perf_counter()
-        checks = check(range(a.start, a.start + min(a.check, a.count)))
         paths = [record_path(i) for i in range(a.start, a.start + a.count)]
+        checks = check(paths[:a.check])
         seconds = time.perf_counter() - t0
     out = {**header(), "args": vars(a), "seconds": seconds, "checks": checks}
     if a.paths_only:

@@ -35,14 +35,13 @@ from pathlib import Path
 
 import torch
 
-import ctm_kernels
 from ctm_kernels import reference
 
 from . import minilm
-from .digits import SEEDED_RULES, TOP_K_RULES, _grid_text
-from .merging import RANKED, LayerFactors, Merger, energy_kept, rule_validity, singular_subspaces
+from .digits import SEEDED_RULES, TOP_K_RULES, _grid_text, find, layer_factors
+from .merging import RANKED, Merger, energy_kept, rule_validity, singular_subspaces
 from .report import RESULTS_DIR, markdown_table, metadata, write_json
-from .tables import spectrum_stats
+from .tables import interference, spectrum_stats
 
 
 @dataclass
@@ -71,11 +70,6 @@ PAPER = replace(FULL, lambdas=tuple(round(0.025 * k, 3) for k in range(1, 81)),
                 betas=(0.0, 0.25, 0.5, 0.75), protocol="paper")
 
 
-def layer_factors(zoo: minilm.Zoo) -> list[LayerFactors]:
-    return [LayerFactors([a.A[n] for a in zoo.adapters], [a.B[n] for a in zoo.adapters],
-                         [a.scaling for a in zoo.adapters]) for n in zoo.config.lora_layers]
-
-
 class CachedMerger(Merger):
     """``Merger`` that computes each full-parameter merge once and reuses it: MtC is that merge
     truncated to the rank (``reference.mtc``: ``truncate(full_merge(...))``; Iso-C: the sum,
@@ -88,13 +82,7 @@ class CachedMerger(Merger):
     def full_merge(self, rule: str, params: dict) -> list[torch.Tensor]:
         key = (rule, tuple(sorted(params.items())))
         if key not in self._full:
-            out = []
-            for i, dW in enumerate(self.dense):
-                p = dict(params)
-                if "seed" in p:
-                    p["seed"] = p["seed"] + i * ctm_kernels.rules.DARE_LAYER_STRIDE
-                out.append(reference.full_merge(dW, rule, **p))
-            self._full[key] = out
+            self._full[key] = super().merge("full", rule, None, **params)
         return self._full[key]
 
     def merge(self, method, rule, rank, beta=None, **params):
@@ -212,21 +200,6 @@ def run_seed(seed: int, cfg: Config, tok, base, log=print, partial: Path | None 
     return out
 
 
-def interference(zoo, ev) -> dict[int, float]:
-    """Full-parameter sum of the first k adapters at lambda 1: mean normalised test accuracy on
-    those k tasks (k = 1, 2, 4, 8)."""
-    each = [a.deltas() for a in zoo.adapters]
-    out = {}
-    for k in (1, 2, 4, len(each)):
-        summed = {n: sum(d[n] for d in each[:k]) for n in each[0]}
-        out[k] = sum(ev.normalised(ev.accuracies(summed, "test"), "test")[:k]) / k
-    return out
-
-
-def find(out, method, rule, rank):
-    return next((r for r in out["results"] if r["method"] == method and r["rule"] == rule and r["rank"] == rank), None)
-
-
 def summarise(outs: list[dict], cfg: Config) -> dict:
     rows, wins = [], []
     for rank in cfg.ranks:
@@ -283,7 +256,6 @@ def to_markdown(outs, summary, cfg: Config, meta, seconds) -> str:
              "(merged / the task's own adapter x 100), mean over the seeds ± spread (max - min).", ""]
     ref = []
     for i, t in enumerate(names):
-        ms = [o["manifest_check"][i] for o in outs]
         zs = [minilm.load_zoo(minilm.zoo_dir(o["seed"])).manifest["tasks"][t] for o in outs]
         mean = lambda key: sum(z[key] for z in zs) / len(zs)
         ref.append([short[i], mean("individual_test_acc"), mean("probe_test_acc"), mean("lambda0_test_acc"),
@@ -387,7 +359,7 @@ def main(argv=None) -> dict:
             continue
         if args.extend and cached.is_file():
             # add this run's rows (other ranks or methods) to a seed's earlier results
-            new = run_seed(s, cfg, tok, base, partial=cached.with_suffix(f".extend{os.getpid()}.json"))
+            new = run_seed(s, replace(cfg, interference=False), tok, base, partial=cached.with_suffix(f".extend{os.getpid()}.json"))
             old = json.loads(cached.read_text())       # read after the run: another run may have extended it
             have = {(r["rank"], r["method"], r["rule"]) for r in old["results"]}
             old["results"] += [r for r in new["results"] if (r["rank"], r["method"], r["rule"]) not in have]
