@@ -147,9 +147,10 @@ class MergeResult:
         self._check_in_memory()
         dest = Path(path)
         fmt = output_format(dest, format, kohya_prefix)
-        state = self.state_dict(fmt.name, kohya_prefix=kohya_prefix)
+        spec = self.output_spec(dest, fmt, overwrite)
+        state = {k: v.load() if isinstance(v, LazyTensor) else v for k, v in spec.layout.items()}
         check_output(dest, fmt, [s for s in self.plan.sources if s is not None], overwrite)
-        return self.output_spec(dest, fmt, overwrite).save(state)
+        return spec.save(state)
 
     # -- report ---------------------------------------------------------------------------------
 
