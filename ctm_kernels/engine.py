@@ -44,7 +44,8 @@ from .ops import gram as gram_op
 from .ops import lift as lift_op
 from .ops import project as project_op
 from .ops import topr as topr_op
-from .reference import (DEFAULT_TOL, ENERGY_WINDOW, FLAT_SHARE, FLAT_SWEEPS, NULL_RTOL, STOP_TESTS, canonical_signs,
+from .options import check_max_iter, check_stop, check_tol
+from .reference import (DEFAULT_TOL, ENERGY_WINDOW, FLAT_SHARE, FLAT_SWEEPS, NULL_RTOL, canonical_signs,
                         energy_left, sin_angle, subspace_weights)
 from .reference import balanced_factors as ref_balanced_factors
 from .reference import dense_updates as ref_dense_updates
@@ -258,13 +259,9 @@ def check_layer(A, B, scales=None, weights=None, *, rank=None, layer=None):
 
 
 def check_solver(stop, tol, max_iter, beta, solver=None):
-    if stop not in STOP_TESTS:
-        raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool)
-                                and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    check_stop(stop)
+    check_tol(tol)
+    check_max_iter(max_iter)
     if not (0.0 <= float(beta) <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
     if solver is not None and not isinstance(solver, SolverSettings):

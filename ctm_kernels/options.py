@@ -102,13 +102,13 @@ def _check_beta(beta):
     return beta
 
 
-def _check_stop(stop) -> str:
+def check_stop(stop) -> str:
     if stop not in STOP_TESTS:
         raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
     return stop
 
 
-def _check_tol(tol) -> float | None:
+def check_tol(tol) -> float | None:
     if tol is not None and not (_is_number(tol) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     return tol
@@ -120,6 +120,10 @@ def _check_int(name: str, least: int, kind: str) -> Callable:
             raise ValueError(f"{name} must be a {kind} integer, got {v!r}")
         return v
     return check
+
+
+# the stop settings' checks, shared with the engine's own boundary (engine.check_solver)
+check_max_iter = _check_int("max_iter", 0, "non-negative")
 
 
 def _check_auto(what: str, names: tuple[str, ...]) -> Callable:
@@ -405,12 +409,12 @@ MERGE = Options([
            key="scale", saved=lambda s: True),
     Option("stop", "energy", "when the subspace search of a module ends: energy, when the energy kept (in total "
            "and per adapter) has stopped changing; subspace, when the subspaces have stopped moving (the exact "
-           "fixed point, reproducible across devices)", str, _check_stop, "--stop", choices=STOP_TESTS,
+           "fixed point, reproducible across devices)", str, check_stop, "--stop", choices=STOP_TESTS,
            key="stop", saved=lambda s: True),
     Option("tol", None, "tolerance of the stop test: the energy kept's change still expected (default 1e-6), "
-           "or the sine of the largest principal angle of a step (default 1e-4)", float | None, _check_tol,
+           "or the sine of the largest principal angle of a step (default 1e-4)", float | None, check_tol,
            "--tol", float, "F", key="tol", saved=lambda s: True),
-    Option("max_iter", 1000, "most subspace iterations per module", int, _check_int("max_iter", 0, "non-negative"), "--max-iter", int, "N",
+    Option("max_iter", 1000, "most subspace iterations per module", int, check_max_iter, "--max-iter", int, "N",
            key="max_iter", saved=lambda s: True),
     Option("dtype", None, "factor dtype of the merge and the output; auto: the inputs' (promoted)", str | None,
            _check_auto("dtype", DTYPE_NAMES), "--dtype", choices=("auto", *DTYPE_NAMES), shown="auto", key="dtype", saved=lambda s: True),

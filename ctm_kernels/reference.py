@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import check_stop
 from .rules import apply_rule, tsv_merge
 
 NULL_RTOL = 1e-12  # eigenvalues below NULL_RTOL * largest span no direction of the adapters
@@ -60,7 +61,6 @@ class Tucker2:
 # The stop tests of HOOI (DESIGN section 2, docs/DESIGN.md section 8), shared with the engine:
 # "energy" (the default) ends when the objective has less than tol (relative) left to gain,
 # "subspace" when a step moves U and V by a sine of at most tol (the exact fixed point).
-STOP_TESTS = ("energy", "subspace")
 DEFAULT_TOL = {"energy": 1e-6, "subspace": 1e-4}
 ENERGY_WINDOW = 3        # gains the energy test looks back on (two ratios)
 ENERGY_ROUNDING = 1e-13  # relative gains below this, twice in a row, are float64 rounding
@@ -120,8 +120,7 @@ def tucker2(X: torch.Tensor, rank: int, tol: float | None = None, max_iter: int 
     with ``kept_t`` from :func:`energy_kept` and ``nu = norms`` (``||dW_t||`` of the unweighted
     updates; by default the norms of ``X``'s slices), will move by less than ``tol`` (relative;
     default 1e-6); it also ends a flat layer (``FLAT_SWEEPS``, ``stopped_by="flat"``)."""
-    if stop not in STOP_TESTS:
-        raise ValueError(f"stop must be one of {', '.join(STOP_TESTS)}, got {stop!r}")
+    check_stop(stop)
     tol = DEFAULT_TOL[stop] if tol is None else tol
     U = top_eigvecs(torch.einsum("tmn,tkn->mk", X, X), rank)[1]
     V = top_eigvecs(torch.einsum("tmn,tmk->nk", X, X), rank)[1]
