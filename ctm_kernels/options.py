@@ -192,6 +192,11 @@ def _parse_floats(text: str) -> list[float]:
 REQUIRED = object()           # the default of a setting that must be given
 
 
+def _always(settings) -> bool:
+    """Every resolved config records the setting (an :class:`Option`'s default ``saved``)."""
+    return True
+
+
 @dataclass(frozen=True)
 class Option:
     """One merge setting.
@@ -201,8 +206,8 @@ class Option:
     by ``parse`` (argparse's ``type``); a bool is a switch. ``key``: its key in config files
     (None: not in them; a rule parameter's key is under ``parameters:``). ``unit``: command-line
     and config values are in units of this many (``--max-group-mb``: MiB). ``shown``: the default
-    as the help shows it. ``saved``: when it goes into the resolved config of an output (None:
-    never)."""
+    as the help shows it. ``saved``: when it goes into the resolved config of an output (default:
+    always; None: never)."""
 
     name: str
     default: Any
@@ -216,7 +221,7 @@ class Option:
     shown: str | None = None
     key: str | None = None
     unit: int = 1
-    saved: Callable[["Settings"], bool] | None = None
+    saved: Callable[["Settings"], bool] | None = _always
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -399,44 +404,42 @@ def _when_kohya(s) -> bool:
 
 MERGE = Options([
     Option("method", "ties", f"merge rule: {', '.join(METHODS)}", str, _check_method, "--method",
-           lambda t: _check_method(t), "M", key="method", saved=lambda s: True),
+           _check_method, "M", key="method"),
     Option("rank", REQUIRED, "rank of the merged LoRA, capped at min(m, n) and at the sum of the input ranks per "
            "module; 'full' keeps every direction of the inputs (min(sum of input ranks, m, n))", int | str,
-           check_rank, "--rank", _parse_rank, "R", key="rank", saved=lambda s: True),
+           check_rank, "--rank", _parse_rank, "R", key="rank"),
     Option("beta", 0.0, "0 equalises the adapters' norms in the subspace search, 1 keeps them", float, _check_beta,
-           "--beta", float, "F", key="beta", saved=lambda s: True),
-    Option("scale", 1.0, "global scale of the merged update", float, None, "--scale", float, "F",
-           key="scale", saved=lambda s: True),
+           "--beta", float, "F", key="beta"),
+    Option("scale", 1.0, "global scale of the merged update", float, None, "--scale", float, "F", key="scale"),
     Option("stop", "energy", "when the subspace search of a module ends: energy, when the energy kept (in total "
            "and per adapter) has stopped changing; subspace, when the subspaces have stopped moving (the exact "
            "fixed point, reproducible across devices)", str, check_stop, "--stop", choices=STOP_TESTS,
-           key="stop", saved=lambda s: True),
+           key="stop"),
     Option("tol", None, "tolerance of the stop test: the energy kept's change still expected (default 1e-6), "
            "or the sine of the largest principal angle of a step (default 1e-4)", float | None, check_tol,
-           "--tol", float, "F", key="tol", saved=lambda s: True),
+           "--tol", float, "F", key="tol"),
     Option("max_iter", 1000, "most subspace iterations per module", int, check_max_iter, "--max-iter", int, "N",
-           key="max_iter", saved=lambda s: True),
+           key="max_iter"),
     Option("dtype", None, "factor dtype of the merge and the output; auto: the inputs' (promoted)", str | None,
-           _check_auto("dtype", DTYPE_NAMES), "--dtype", choices=("auto", *DTYPE_NAMES), shown="auto", key="dtype", saved=lambda s: True),
+           _check_auto("dtype", DTYPE_NAMES), "--dtype", choices=("auto", *DTYPE_NAMES), shown="auto", key="dtype"),
     Option("format", None, "output format; auto: kohya for OUT ending in .safetensors, else peft", str | None,
-           _check_auto("format", FORMAT_NAMES), "--format", choices=("auto", *FORMAT_NAMES), shown="auto", key="format",
-           saved=lambda s: True),
+           _check_auto("format", FORMAT_NAMES), "--format", choices=("auto", *FORMAT_NAMES), shown="auto", key="format"),
     Option("threads", None, "CPU threads per process (default: the cores this process may use, less the busy "
            "ones; recorded in the output's config)", int | None, _check_threads, "--threads", int, "N",
-           key="threads", saved=lambda s: True),
+           key="threads"),
     Option("pad_rank", False, "keep --rank on modules whose inputs span fewer directions (the extra rows are "
            "zeros; default: cap each module at the sum of its input ranks)", bool, _check_bool("pad_rank"),
            "--pad-rank", key="pad_rank", saved=lambda s: s.pad_rank),
     Option("kohya_prefix", DEFAULT_KOHYA_PREFIX, "kohya name prefix for PEFT module paths", str, _check_str("kohya_prefix"),
            "--kohya-prefix", metavar="P", key="kohya_prefix", saved=_when_kohya),
     Option("weights", None, "one weight per adapter (default: all 1)", list | None, _check_weights, "--weights",
-           _parse_floats, "W1,W2,..."),
+           _parse_floats, "W1,W2,...", saved=None),
     Option("device", None, "device of the merge (default: the inputs', cpu for files)", Any, None, "--device",
-           metavar="cpu|cuda", key="device"),
+           metavar="cpu|cuda", key="device", saved=None),
     Option("max_group_bytes", DEFAULT_GROUP_BYTES, "most input factor memory read at once (MiB)", int, _check_int("max_group_bytes", 1, "positive"),
-           "--max-group-mb", int, "MB", key="max_group_mb", unit=MiB),
+           "--max-group-mb", int, "MB", key="max_group_mb", unit=MiB, saved=None),
     Option("output", None, "output: a PEFT adapter folder, or a kohya file when it ends in .safetensors", Any,
-           _check_output, ("-o", "--output"), metavar="OUT", key="output"),
+           _check_output, ("-o", "--output"), metavar="OUT", key="output", saved=None),
     Option("overwrite", False, "replace OUT if it is a previous ctm output (anything else is refused)", bool,
-           _check_bool("overwrite"), "--overwrite"),
+           _check_bool("overwrite"), "--overwrite", saved=None),
 ], [TOP_K, P, SEED, NORMALIZE])

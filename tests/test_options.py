@@ -34,7 +34,7 @@ def with_smoothing(monkeypatch):
         return v
 
     extra = Option("smoothing", 0.5, "how much to smooth the merged update", float, check, "--smoothing", float,
-                   "F", key="smoothing", saved=lambda s: True)
+                   "F", key="smoothing")
     monkeypatch.setattr(options, "MERGE", Options([*options.MERGE.options, extra], options.MERGE.rule_parameters))
     return seen
 
