@@ -92,14 +92,22 @@ def _check_weights(weights) -> list[float] | None:
     return vals
 
 
-def _check_beta(beta):
-    try:
-        ok = 0.0 <= float(beta) <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    return beta
+def _check_float(name: str, test: Callable[[float], bool], wanted: str) -> Callable:
+    """A check that the value, as a float, passes ``test``; the value is kept as given (so a
+    resolved config records it as it was written)."""
+    def check(v):
+        try:
+            ok = test(float(v))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be {wanted}, got {v!r}")
+        return v
+    return check
+
+
+_check_beta = _check_float("beta", lambda b: 0.0 <= b <= 1.0, "in [0, 1]")
+_check_scale = _check_float("scale", math.isfinite, "finite")
 
 
 def check_stop(stop) -> str:
@@ -410,7 +418,8 @@ MERGE = Options([
            check_rank, "--rank", _parse_rank, "R", key="rank"),
     Option("beta", 0.0, "0 equalises the adapters' norms in the subspace search, 1 keeps them", float, _check_beta,
            "--beta", float, "F", key="beta"),
-    Option("scale", 1.0, "global scale of the merged update", float, None, "--scale", float, "F", key="scale"),
+    Option("scale", 1.0, "global scale of the merged update", float, _check_scale, "--scale", float, "F",
+           key="scale"),
     Option("stop", "energy", "when the subspace search of a module ends: energy, when the energy kept (in total "
            "and per adapter) has stopped changing; subspace, when the subspaces have stopped moving (the exact "
            "fixed point, reproducible across devices)", str, check_stop, "--stop", choices=STOP_TESTS,

@@ -396,6 +396,16 @@ def test_plan_sees_iso_cts_short_of_adapters_at_a_module(three, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf"])
+def test_plan_refuses_a_scale_that_is_not_finite(scale, three, tmp_path, capsys):
+    args = [*map(str, three), "--rank", "2", f"--scale={scale}"]
+    assert main(["plan", *args, "-q"]) == 2
+    assert capsys.readouterr().out == f"problem: scale must be finite, got {float(scale)!r}\n"
+    assert main(["merge", *args, "-o", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"ctm: error: scale must be finite, got {float(scale)!r}\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_summary_explains_shares_above_100_and_names_adapters_as_given(tmp_path, capsys, monkeypatch):
     a = peft_folder(tmp_path / "a", {"m.q": _pair(16, 24, 4, 0)})
     b = tmp_path / "b"
