@@ -1,6 +1,11 @@
-"""safetensors files: the dtype table, the header (read once, by :func:`read_header`), a store
-that reads named tensors with positioned reads, and a writer that puts each tensor at its
-offset as soon as it exists."""
+"""safetensors files: the dtype table, the header (the package's one reader of it:
+:func:`read_header`), a store that reads named tensors with positioned reads, and a writer that
+puts each tensor at its offset as soon as it exists.
+
+Opening a store parses its header twice: the safetensors library's reader validates it (offsets
+inside the file, no holes or overlaps, sizes that match the shapes) but does not tell where each
+tensor's bytes are, which the positioned reads need, so :func:`read_header` reads those. The
+second parse costs little next to reading the factors, and the validation stays the format's own."""
 from __future__ import annotations
 
 import json
@@ -47,7 +52,8 @@ class SafetensorsStore(TensorStore):
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         try:
-            # safe_open validates the header (offsets inside the file, no overlaps, dtypes)
+            # safe_open validates the header (offsets inside the file, no overlaps, dtypes);
+            # _read_offsets parses it again for the byte offsets safe_open does not expose
             with safe_open(str(self.path), framework="pt") as f:
                 self.metadata = f.metadata() or {}
                 for k in f.keys():
