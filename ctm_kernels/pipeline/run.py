@@ -96,9 +96,7 @@ def execute(plan: MergePlan, *, progress=False, prefetch: bool = True, distribut
         sink = MemorySink()
     else:
         out = result.output_spec(plan.output, plan.output_format, plan.settings.overwrite)
-        skeletons = {mm.name: mm for mm in result.modules}
-        mine = [k for gi in order for e in plan.groups[gi] for k in plan.output_format.tensors([skeletons[e.name]])]
-        sink = FileSink(out, ranks, result.modules, mine)
+        sink = FileSink(out, ranks, result.modules, [e.name for gi in order for e in plan.groups[gi]])
     with ExitStack() as stack:
         sink.open(stack)
         done = ranks.together(lambda: (_run_groups(plan, order, ranks, progress, prefetch, sink.emit), sink.part()))

@@ -80,11 +80,11 @@ class MemorySink:
 
 class FileSink:
     """The merged modules written into ``output`` as they come; the result keeps their
-    ``skeletons`` (meta tensors) with the engine's report. ``mine``: the tensor names this
-    rank writes."""
+    ``skeletons`` (meta tensors) with the engine's report. ``mine``: the names of the modules
+    this rank merges."""
 
     def __init__(self, output: OutputSpec, ranks: Ranks, skeletons: list[MergedModule], mine: list[str]):
-        self.output, self.ranks, self.mine = output, ranks, set(mine)
+        self.output, self.ranks, self.mine = output, ranks, mine
         self.skeletons = {mm.name: mm for mm in skeletons}
         self.infos: dict[str, dict] = {}
         self.writer: SafetensorsWriter | None = None
@@ -112,7 +112,8 @@ class FileSink:
         """Rank 0's output file, or this rank's part file (opened on first use)."""
         if self.writer is None:
             path = Path(self.parts) / f"part-{self.ranks.rank:05d}.safetensors"
-            layout = {k: t for k, t in self.output.layout.items() if k in self.mine}
+            mine = self.output.fmt.tensors([self.skeletons[name] for name in self.mine])
+            layout = {k: t for k, t in self.output.layout.items() if k in mine}
             self.writer = self.stack.enter_context(SafetensorsWriter(path, layout))
         return self.writer
 
