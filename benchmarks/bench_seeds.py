@@ -8,7 +8,8 @@ and 32 and log-normal LoRA scales (``exp(0.5 randn)``, drawn after the factors).
 
 Correctness first: at small sizes of the same kind (the many-adapter route with ``R > m``
 and the usual one with ``R < m``) CtM at tight tol must match the float64 dense reference
-(``reference.ctm``) to 1e-6, or nothing is timed. Then per seed: CtM (``ck.merge_layer``,
+(``reference.ctm``) to 1e-6, or nothing is timed (on a 300 x 280 layer with T = 20 too, where
+the half-step images stay unformed). Then per seed: CtM (``ck.merge_layer``,
 ``sum``, rank 16, default stop: sweeps, which test stopped, seconds) and MtC (``Bh @ Ah`` in
 one product, ``torch.linalg.svd``, truncation: seconds), and what each merged update keeps of
 the full sum (relative error against it).
@@ -17,6 +18,13 @@ the full sum (relative error against it).
     python benchmarks/bench_seeds.py --T 512 --seeds 0-4 --no-mtc --out /tmp/t512.json
     python benchmarks/bench_seeds.py --T 96 --mixed --seeds 0-2
     python benchmarks/bench_seeds.py --T 128 --seeds 0-4 --converged --no-mtc   # the stop on large sets
+
+``--versus FIELD=VALUE ...``: each seed is also merged with those ``engine.SolverSettings``
+fields changed (for example ``unformed_min_k=1000000000``: the half-step images formed, as
+before ``ops.topr.BlockImages``), right after the default merge, in the same process: seconds,
+sweeps, the ratio and how far apart the two total energies kept are.
+
+    python benchmarks/bench_seeds.py --T 128 --seeds 0-9 --versus unformed_min_k=1000000000
 
 ``--converged``: each seed also solved to convergence (energy test at tol 1e-13, no flat end,
 up to 3000 sweeps), and the default stop's total energy kept
@@ -57,7 +65,9 @@ def adapters(seed, m, n, T, mixed):
 def check(mixed) -> list[dict]:
     """CtM at tight tol against the float64 dense reference on small layers of the same kind."""
     rows = []
-    for m, n, T in ((96, 80, 12), (200, 180, 6)):        # R > m (outer whitening) and R < m
+    # R > m (outer whitening), R < m, and sides of at least 256 with R = T r, where the block
+    # half-steps keep the images unformed (engine.SolverSettings.unformed_min_k)
+    for m, n, T in ((96, 80, 12), (200, 180, 6), (300, 280, 20)):
         A, B, s = adapters(1000 + m, m, n, T, mixed)
         tight = dict(stop="subspace", tol=1e-10, max_iter=20000)
         want = ref.ctm(ref.dense_updates(A, B, s), RANK, "sum", **tight).dW
@@ -77,6 +87,19 @@ def mtc_sum(A, B, s, rank):
     return U[:, :rank] * S[:rank], Vh[:rank], dW
 
 
+def _setting(text):
+    """``"field=value"`` -> (field, value as int, float or bool)."""
+    field, _, value = text.partition("=")
+    for parse in (int, float):
+        try:
+            return field, parse(value)
+        except ValueError:
+            pass
+    if value in ("True", "False"):
+        return field, value == "True"
+    raise SystemExit(f"--versus {text}: the value must be an int, a float, True or False")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", type=int, default=2048)
@@ -85,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixed", action="store_true")
     p.add_argument("--no-mtc", action="store_true", help="CtM only (the dense side is not timed)")
     p.add_argument("--converged", action="store_true", help="also solve to convergence; the stop's energy shortfall")
+    p.add_argument("--versus", nargs="+", default=None, metavar="FIELD=VALUE",
+                   help="also merge with these SolverSettings fields changed (ints, floats or booleans)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -94,6 +119,7 @@ def main(argv=None) -> int:
         seeds = list(range(lo, hi + 1))
     else:
         seeds = [int(x) for x in a.seeds.split(",")]
+    versus = engine.SolverSettings(**dict(_setting(x) for x in a.versus)) if a.versus else None
     checks = check(a.mixed)
     print(table(checks, list(checks[0])), flush=True)
     rows = []
@@ -103,6 +129,14 @@ def main(argv=None) -> int:
         out = ck.merge_layer(A, B, rank=RANK, method="sum", scales=s)
         ctm_s = time.perf_counter() - t0
         row = {"seed": seed, "sweeps": out.info.iterations, "stopped_by": out.info.stopped_by, "ctm_s": ctm_s}
+        if versus is not None:
+            t0 = time.perf_counter()
+            other = ck.merge_layer(A, B, rank=RANK, method="sum", scales=s, solver=versus)
+            row.update(versus_s=time.perf_counter() - t0, versus_sweeps=other.info.iterations,
+                       versus_stopped_by=other.info.stopped_by)
+            row["speedup_vs_versus"] = row["versus_s"] / ctm_s
+            kept, kept_other = (total_energy_kept(o.info.energy_kept, o.info.norms) for o in (out, other))
+            row["energy_vs_versus"] = (kept - kept_other) / kept_other
         if a.converged:
             conv = ck.merge_layer(A, B, rank=RANK, method="sum", scales=s, tol=1e-13, max_iter=3000,
                                   solver=engine.SolverSettings(flat_sweeps=10 ** 9))

@@ -102,7 +102,7 @@ class Tucker2Problem:
         self.pre = []
         for U, Pm, Qm, other in ((self.U, self.P, self.Q, self.V), (self.V, self.Q, self.P, self.U)):
             r = U.shape[-1]
-            Z = engine.half_step_images(Pm, Qm, other, self.T)
+            Z = engine.half_step_images(Pm, Qm, other, self.T).dense()
             perp = torch.linalg.qr(U, mode="complete").Q[..., r:]
             ZP = Z.mT @ perp
             mu, Wr = torch.linalg.eigh(ZP.mT @ ZP)
@@ -182,8 +182,8 @@ def rtr(problem, U, V, *, gtol=1e-10, max_outer=200, max_cg=300):
 def hooi_sweeps(P, Pc, Q, Qc, T, U, V, count):
     """Plain HOOI sweeps in whitened coordinates (the engine's half-step)."""
     for _ in range(count):
-        U = engine._top_r(engine.half_step_images(P, Qc, V, T), RANK, engine.DEFAULT_SOLVER)[1]
-        V = engine._top_r(engine.half_step_images(Q, Pc, U, T), RANK, engine.DEFAULT_SOLVER)[1]
+        U = engine._top_r(engine.half_step_images(P, Qc, V, T).dense(), RANK, engine.DEFAULT_SOLVER)[1]
+        V = engine._top_r(engine.half_step_images(Q, Pc, U, T).dense(), RANK, engine.DEFAULT_SOLVER)[1]
     return U, V
 
 
@@ -218,7 +218,7 @@ def run_case(kind, m, T, a):
     row["sweeps"] = log[-1]["out"].iterations[0]
     row["speedup_vs_mtc_full_svd"] = row["mtc_full_svd_s"] / row["ctm_s"]
     # one dense top-r eigensolve of the solve's own matrix, and the zero-overhead bound
-    Z = engine.half_step_images(P, Qc, Vw, T)
+    Z = engine.half_step_images(P, Qc, Vw, T).dense()
     M = Z @ Z.mT
     row["eigh_f64_ms"] = 1e3 * eigh_seconds(M, a.repeat * 4)
     row["eigh_f32_ms"] = 1e3 * eigh_seconds(M.float(), a.repeat * 4)

@@ -65,7 +65,7 @@ def half_step_case(kind, m, T, r=16):
     U = engine._hosvd(sb.Rf, sa.blocks, c, r, engine.DEFAULT_SOLVER)
     V = engine._hosvd(sa.Rf, sb.blocks, c, r, engine.DEFAULT_SOLVER)
     cc = c.repeat_interleave(r, dim=1)[:, None, :]
-    Z = engine.half_step_images(sb.Rf, sa.Rf * cc, V, T)
+    Z = engine.half_step_images(sb.Rf, sa.Rf * cc, V, T).dense()
     return Z, U
 
 

@@ -628,12 +628,13 @@ def test_reader_runs_one_group_ahead_and_no_further(monkeypatch):
     real = merge_stage.merge_group
     overlapped = []
 
-    def merge_group(plan, gi, factors):
+    def merge_group(plan, loaded):
+        gi = loaded.index
         assert plan.groups[gi][0].name == groups[gi][0].name
         if gi + 1 < len(groups):
             # the next group is read while this one merges (the reader does not wait for it)
             overlapped.append(started[gi + 1].wait(timeout=20))
-        return real(plan, gi, factors)
+        return real(plan, loaded)
 
     monkeypatch.setattr("ctm_kernels.pipeline.run.merge_group", merge_group)
     merge(opened, rank=4, method="mean", max_group_bytes=budget,

@@ -49,6 +49,30 @@ def test_accelerated_solve_ends_where_plain_hooi_ends(index):
     assert fast.info.objective >= plain.info.objective * (1 - 1e-12)
 
 
+UNFORMED_CASES = 100
+
+
+@pytest.mark.parametrize("index", range(UNFORMED_CASES), ids=_label)
+def test_unformed_images_end_where_the_formed_ones_end(index, monkeypatch):
+    """Block half-steps on the images kept as their factors (``ops.topr.BlockImages``, forced
+    here from the smallest side on) reach the fixed point of the formed images: the same
+    products up to rounding, so the same answer at tight tol; the route is taken wherever
+    ``R <= T r`` (padded ``R``)."""
+    case = hooi_case(index)
+    routes = []
+    step = engine.topr_op.block_step
+    monkeypatch.setattr(engine.topr_op, "block_step",
+                        lambda Z, *a, **k: routes.append(type(Z).__name__) or step(Z, *a, **k))
+    unformed = _merge(case, solver=engine.SolverSettings(unformed_min_k=1), **TIGHT)
+    taken = set(routes)
+    formed = _merge(case, solver=engine.SolverSettings(unformed_min_k=10 ** 9), **TIGHT)
+    padded = len(case.ranks) * max(case.ranks)
+    assert taken == ({"BlockImages"} if padded <= len(case.ranks) * case.rank else {"Tensor"})
+    assert unformed.info.converged and formed.info.converged
+    assert relerr(unformed.delta, formed.delta) <= 1e-6
+    assert unformed.info.objective == pytest.approx(formed.info.objective, rel=1e-10)
+
+
 def _seed4_set():
     """Three gaussian rank-8 adapters on a 48 x 96 layer, where an ungated accelerator
     ended at another fixed point (objective 66825 against plain HOOI's 67040)."""

@@ -7,6 +7,8 @@ import torch
 from ctm_kernels import engine
 from ctm_kernels.ops import topr
 
+from adapters import relerr
+
 
 def _factor(L, k, p, *, gap, seed=0, dtype=torch.float64):
     """``Z [L, k, p]`` whose ``Z Z^T`` has singular values of ``Z`` decaying geometrically, with a
@@ -239,7 +241,7 @@ def test_half_step_objective_is_the_norm_of_the_projected_images(T, rb, r):
     Ry = torch.randn(L, kp, T * rb, generator=g, dtype=torch.float64)
     V = torch.linalg.qr(torch.randn(L, kp, r, generator=g, dtype=torch.float64))[0]
     U = torch.linalg.qr(torch.randn(L, k, r, generator=g, dtype=torch.float64))[0]
-    want = (U.mT @ engine.half_step_images(Rx, Ry, V, T)).square().sum((-2, -1))
+    want = (U.mT @ engine.half_step_images(Rx, Ry, V, T).dense()).square().sum((-2, -1))
     got = engine.half_step_objective(Rx, Ry, V, U, T)
     assert got.shape == (L,) and torch.allclose(got, want, rtol=1e-13, atol=0)
 
@@ -368,3 +370,39 @@ def test_block_width():
     """r + r columns up to 32, at least r + 8, never more than the space."""
     assert [topr.block_width(1000, r) for r in (1, 8, 16, 24, 32)] == [9, 16, 32, 32, 40]
     assert topr.block_width(20, 16) == 20
+
+
+@pytest.mark.parametrize("L,T,rb,p,k", [(1, 1, 1, 1, 5), (2, 3, 4, 2, 7), (3, 5, 2, 6, 9), (1, 8, 16, 16, 129)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_block_images_are_the_formed_images(L, T, rb, p, k, dtype):
+    """``BlockImages`` products, rows and formed matrix against ``Z`` formed block by block in
+    float64 (``p`` below, at and above ``rb``; one adapter; one column)."""
+    g = torch.Generator().manual_seed(L * 1000 + T * 10 + p)
+    Rx = torch.randn(L, k, T * rb, generator=g, dtype=torch.float64)
+    Y = torch.randn(L, T, rb, p, generator=g, dtype=torch.float64)
+    Z = torch.cat([Rx[:, :, t * rb:(t + 1) * rb] @ Y[:, t] for t in range(T)], -1)      # [L, k, T p]
+    op = topr.BlockImages(Rx.to(dtype), Y.to(dtype))
+    X = torch.randn(L, k, 3, generator=g, dtype=torch.float64)
+    W = torch.randn(L, T * p, 3, generator=g, dtype=torch.float64)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert op.shape == Z.shape and op.width == T * rb
+    assert relerr(op.dense().double(), Z) <= tol
+    assert relerr(topr.t_mul(op, X.to(dtype)).double(), Z.mT @ X) <= tol
+    assert relerr((op @ W.to(dtype)).double(), Z @ W) <= tol
+    assert relerr(op[L - 1:].dense().double(), Z[L - 1:]) <= tol
+
+
+def test_block_step_on_block_images_is_the_formed_step():
+    """One block step on ``BlockImages`` against the same step on the formed ``Z``: the same
+    Ritz values and block to rounding, with the filter and with the exact fallback."""
+    g = torch.Generator().manual_seed(5)
+    L, k, T, rb, p = 3, 40, 6, 4, 4
+    op = topr.BlockImages(torch.randn(L, k, T * rb, generator=g, dtype=torch.float64),
+                          torch.randn(L, T, rb, p, generator=g, dtype=torch.float64))
+    Q0 = torch.linalg.qr(torch.randn(L, k, 12, generator=g, dtype=torch.float64)).Q
+    for budget in (None, 0):
+        th, Q, deg = topr.block_step(op, Q0, 6, budget=budget)
+        th0, Q1, deg0 = topr.block_step(op.dense(), Q0, 6, budget=budget)
+        assert torch.equal(deg, deg0) and relerr(th, th0) <= 1e-12
+        assert relerr(Q[..., :6] @ Q[..., :6].mT, Q1[..., :6] @ Q1[..., :6].mT) <= 1e-10

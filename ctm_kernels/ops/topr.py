@@ -251,14 +251,15 @@ def filter_degree(theta, r, damping, max_degree, eps=None):
     return torch.minimum(need, cap).clamp(min=1).long(), need
 
 
-def filter_budget(k, p, b, dtype, device):
+def filter_budget(k, p, b, dtype, device, width=None):
     """The highest degree worth filtering with on ``device`` before an exact dense solve of the
     top ``b`` pairs is cheaper (the cost model's dense solve against ``2 d + 1`` products of
-    ``Z [k, p]`` with ``b`` columns); None on a GPU, where the dense route is the ``k x k``
-    eigensolve that torch does not batch and the filter always pays."""
+    ``Z [k, p]`` with ``b`` columns, each reading ``width`` columns: ``p``, or ``R`` for
+    :class:`BlockImages`); None on a GPU, where the dense route is the ``k x k`` eigensolve that
+    torch does not batch and the filter always pays."""
     if torch.device(device).type != "cpu":
         return None
-    product = 2 * k * p * b / _rate(NARROW_FLOPS, dtype)
+    product = 2 * k * (p if width is None else width) * b / _rate(NARROW_FLOPS, dtype)
     return int((dense_seconds(k, p, dtype) / product - 1) // 2)
 
 
@@ -276,8 +277,54 @@ def _filter_edge(theta):
 def t_mul(Z, X):
     """``Z^T X`` as ``(X^T Z)^T``: MKL's float64 product of a transposed ``Z`` with a column-major
     ``X`` (as QR returns it) ran 8x slower than this form (512 x 512 by 32 columns, one thread:
-    7.8 ms against 0.64 ms)."""
+    7.8 ms against 0.64 ms). ``Z`` may be :class:`BlockImages`."""
+    if isinstance(Z, BlockImages):
+        return Z.t_mul(X)
     return (X.mT @ Z).mT
+
+
+class BlockImages:
+    """The half-step images ``Z = [Rx_1 Y_1, ..., Rx_T Y_T]`` ``[L, k, T p]`` kept as their
+    factors ``Rx [L, k, R]`` (``T`` blocks of ``rb = R / T`` columns) and ``Y [L, T, rb, p]``.
+    A product with ``b`` columns reads ``Rx`` once (``2 k R b`` FLOPs, against ``2 k T p b``
+    for the formed ``Z``) and never builds ``Z``: forming it (a batched product of ``T`` strided
+    blocks and a copy of ``[L, k, T p]`` to put the blocks side by side) took longer than the
+    products of a half-step on gaussian 2048^2, T = 128 (k = R = 2048, r = 16). :meth:`dense`
+    forms it where a route needs the matrix (a dense solve)."""
+
+    def __init__(self, Rx, Y):
+        L, k, R = Rx.shape
+        check(Y.dim() == 4 and Y.shape[0] == L and Y.shape[1] * Y.shape[2] == R, "topr",
+              f"Y must be [{L}, T, R / T, p] for Rx {tuple(Rx.shape)}, got {tuple(Y.shape)}")
+        self.Rx, self.Y = Rx, Y
+        self.shape = torch.Size((L, k, Y.shape[1] * Y.shape[3]))
+        self.dtype, self.device = Rx.dtype, Rx.device
+        self.width = R                   # the columns a product reads, for the cost model
+
+    def __matmul__(self, W):
+        """``Z W`` ``[L, k, b]`` for ``W [L, T p, b]``: ``Rx [Y_t W_t]_t``."""
+        L, T, rb, p = self.Y.shape
+        return self.Rx @ (self.Y @ W.reshape(L, T, p, -1)).reshape(L, T * rb, -1)
+
+    def t_mul(self, X):
+        """``Z^T X`` ``[L, T p, b]`` for ``X [L, k, b]``: ``[Y_t^T (Rx_t^T X)]_t``."""
+        L, T, rb, p = self.Y.shape
+        return (self.Y.mT @ t_mul(self.Rx, X).reshape(L, T, rb, -1)).reshape(L, T * p, -1)
+
+    def __getitem__(self, idx):
+        return BlockImages(self.Rx[idx], self.Y[idx])
+
+    def dense(self):
+        """The formed ``Z`` ``[L, k, T p]``."""
+        L, k, R = self.Rx.shape
+        T, rb = self.Y.shape[1], self.Y.shape[2]
+        Z = self.Rx.reshape(L, k, T, rb).permute(0, 2, 1, 3) @ self.Y          # [L, T, k, p]
+        return Z.permute(0, 2, 1, 3).reshape(L, k, -1)
+
+
+def as_dense(Z):
+    """``Z`` as a tensor: a :class:`BlockImages` formed, a tensor as it is."""
+    return Z.dense() if isinstance(Z, BlockImages) else Z
 
 
 def _ritz(Z, Q):
@@ -291,7 +338,8 @@ def _ritz(Z, Q):
 
 
 def block_step(Z, Q, r, *, damping=None, max_degree=None, budget="auto"):
-    """One warm-started half-step on ``M = Z Z^T`` (``Z [L, k, p]``, never formed) from the
+    """One warm-started half-step on ``M = Z Z^T`` (``Z [L, k, p]``, a tensor or
+    :class:`BlockImages`; ``M`` never formed) from the
     orthonormal block ``Q [L, k, b]`` (the side's block after its previous half-step).
 
     1. Rayleigh-Ritz on ``Q`` gives the Ritz values ``theta`` of the current ``M``;
@@ -309,7 +357,8 @@ def block_step(Z, Q, r, *, damping=None, max_degree=None, budget="auto"):
     filter, the GPU's policy) or the highest degree to filter with.
 
     Returns (Ritz values ``[L, b]`` descending, block ``[L, k, b]``, degrees ``[L]``)."""
-    check_tensor(Z, "topr", "Z", 3, (torch.float32, torch.float64))
+    if not isinstance(Z, BlockImages):
+        check_tensor(Z, "topr", "Z", 3, (torch.float32, torch.float64))
     check_tensor(Q, "topr", "Q", 3, (torch.float32, torch.float64))
     L, k, _ = Z.shape
     b = Q.shape[-1]
@@ -322,11 +371,11 @@ def block_step(Z, Q, r, *, damping=None, max_degree=None, budget="auto"):
     degree, need = filter_degree(th, r, INNER_DAMPING if damping is None else damping,
                                  MAX_DEGREE if max_degree is None else max_degree, torch.finfo(Z.dtype).eps)
     if budget == "auto":
-        budget = filter_budget(k, Z.shape[-1], b, Z.dtype, Z.device)
+        budget = filter_budget(k, Z.shape[-1], b, Z.dtype, Z.device, getattr(Z, "width", None))
     exact = torch.zeros_like(degree, dtype=torch.bool) if budget is None else need > budget
     degree = torch.where(exact, 0, degree)
     if bool(exact.all()):
-        return (*top_r_dense(Z, b), degree)
+        return (*top_r_dense(as_dense(Z), b), degree)
     e = _filter_edge(th)[:, :, None]                        # [L, 1, 1]
     half = e / 2
     prev, cur = Q, (Z @ W - half * Q) / half                # T_0, T_1 of (M - e/2) / (e/2) on Q
@@ -341,5 +390,5 @@ def block_step(Z, Q, r, *, damping=None, max_degree=None, budget="auto"):
         # a filter this long would cost more than the exact solve: those layers take the top b
         # pairs of a dense solve
         where = exact.nonzero().squeeze(1)
-        th[where], Q[where] = top_r_dense(Z[where], b)
+        th[where], Q[where] = top_r_dense(as_dense(Z[where]), b)
     return th, Q, degree

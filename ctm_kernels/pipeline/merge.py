@@ -4,23 +4,23 @@ from __future__ import annotations
 from ..engine import merge_checked_layers
 from ..io.adapter import MergedModule
 from .plan import MergePlan
-from .read import Factors
+from .read import LoadedGroup
 
 
-def merge_group(plan: MergePlan, gi: int, factors: Factors) -> list[MergedModule]:
-    """Merge group ``gi`` of ``plan`` from its factors (as :func:`.read.load_group` returns
-    them); returns the merged modules (CPU, stored layout) with the engine's report.
+def merge_group(plan: MergePlan, loaded: LoadedGroup) -> list[MergedModule]:
+    """Merge one module group of ``plan`` from its factors (as :class:`.read.GroupReader` hands
+    them over); returns the merged modules (CPU, stored layout) with the engine's report.
 
     A module that only some adapters adapt gets a zero update from the others. For ``mean``
     that zero counts: the rule divides by every adapter given (``rules.rule_mean``), so a
     module adapted by k of T adapters is merged with its weights times k / T, which turns the
     engine's mean over the k into the mean over all T (a common factor leaves the subspace
     and the share kept unchanged; the reported norms are divided back)."""
-    group = plan.groups[gi]
+    group = plan.groups[loaded.index]
     settings = plan.settings
     T = len(plan.adapters)
     layers, shrink = [], []
-    for mod in factors:
+    for mod in loaded.factors:
         k = len(mod)
         f = k / T if settings.method == "mean" else 1.0
         layers.append(([x.A for x in mod], [x.B for x in mod], [float(x.scale) for x in mod],
@@ -28,7 +28,7 @@ def merge_group(plan: MergePlan, gi: int, factors: Factors) -> list[MergedModule
         shrink.append(f)
     # each module is identified by its position among all modules, so that its DARE mask is
     # the same whatever the group sizes (max_group_bytes) and whichever rank merges it
-    first = plan.firsts[gi]
+    first = plan.firsts[loaded.index]
     # the plan checked the settings and the reader the factors: the engine does not again
     out = merge_checked_layers(layers, list(range(first, first + len(layers))), rank=group[0].rank,
                                method=settings.method, params=settings.params, device=plan.device,

@@ -34,6 +34,16 @@ class AdapterFactors:
 Factors = list[list[AdapterFactors]]
 
 
+@dataclass(frozen=True)
+class LoadedGroup:
+    """One module group's factors as the reader hands them to the merge: ``index``, the group's
+    index in the plan's groups; ``factors``, per module of the group (in the plan's order) the
+    factors of the adapters that adapt it."""
+
+    index: int
+    factors: Factors
+
+
 def load_group(adapters: list[Adapter], group: list[ModuleEntry], dtype: torch.dtype | None,
                stats: ReadStats | None = None) -> Factors:
     """Factors of one group: per module, those of the adapters that adapt it, checked finite
@@ -50,32 +60,36 @@ _END = object()
 
 
 class GroupReader:
-    """Iterate ``(group index, factors, seconds waited)`` over ``order`` (group indices).
+    """Iterate the :class:`LoadedGroup` of each group in ``order`` (group indices). The caller
+    drops each one before asking for the next.
 
     ``load_seconds`` sums the time of the loads (reads, finiteness checks, conversions);
-    ``stats`` the bytes and seconds of the reads alone."""
+    ``stats`` the bytes and seconds of the reads alone; ``wait_seconds`` the time the caller
+    waited for a group (the loading that did not overlap its work)."""
 
     def __init__(self, adapters: list[Adapter], groups: list[list[ModuleEntry]], order: list[int],
                  dtype: torch.dtype | None, ahead: bool = True):
         self.adapters, self.groups, self.order, self.dtype, self.ahead = adapters, groups, order, dtype, ahead
         self.stats = ReadStats()
         self.load_seconds = 0.0
+        self.wait_seconds = 0.0
 
-    def _load(self, gi: int) -> Factors:
+    def _load(self, gi: int) -> LoadedGroup:
         t0 = time.perf_counter()
-        factors = load_group(self.adapters, self.groups[gi], self.dtype, self.stats)
+        loaded = LoadedGroup(gi, load_group(self.adapters, self.groups[gi], self.dtype, self.stats))
         self.load_seconds += time.perf_counter() - t0      # only one thread loads
-        return factors
+        return loaded
 
-    def __iter__(self) -> Iterator[tuple[int, Factors, float]]:
+    def __iter__(self) -> Iterator[LoadedGroup]:
         if not self.ahead:
             for gi in self.order:
                 t0 = time.perf_counter()
-                data = self._load(gi)
-                yield gi, data, time.perf_counter() - t0
-                del data
+                loaded = self._load(gi)
+                self.wait_seconds += time.perf_counter() - t0
+                yield loaded
+                del loaded
             return
-        ready: queue.Queue = queue.Queue()
+        ready: queue.Queue = queue.Queue()       # LoadedGroup, the reader's exception, or _END
         slot = threading.Semaphore(1)       # taken by the reader per group, given back when the caller takes it
         stop = threading.Event()
 
@@ -85,9 +99,9 @@ class GroupReader:
                     slot.acquire()
                     if stop.is_set():
                         return
-                    ready.put((gi, self._load(gi), None))
+                    ready.put(self._load(gi))
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
-                ready.put((None, None, e))
+                ready.put(e)
                 return
             ready.put(_END)
 
@@ -96,17 +110,15 @@ class GroupReader:
         try:
             while True:
                 t0 = time.perf_counter()
-                item = ready.get()
-                waited = time.perf_counter() - t0
-                if item is _END:
+                loaded = ready.get()
+                self.wait_seconds += time.perf_counter() - t0
+                if loaded is _END:
                     return
-                gi, data, err = item
-                del item
-                if err is not None:
-                    raise err
+                if isinstance(loaded, BaseException):
+                    raise loaded
                 slot.release()
-                yield gi, data, waited
-                del data
+                yield loaded
+                del loaded
         finally:
             stop.set()
             slot.release()

@@ -44,16 +44,15 @@ def _run_groups(plan: MergePlan, order: list[int], ranks: Ranks, progress, prefe
     groups = iter(reader)
     T = len(plan.adapters)
     try:
-        for done, (gi, factors, waited) in enumerate(groups, 1):
-            group = plan.groups[gi]
+        for done, loaded in enumerate(groups, 1):
+            group = plan.groups[loaded.index]
             spec = group[0].first
             desc = f"{len(group)} x {spec.kind} {spec.out_features}x{spec.in_features}"
             if bar is not None:        # the group being merged now, and what has been read so far
                 bar.set_postfix_str(f"{desc}, {T} adapters, read {reader.stats.bytes / 2**20:,.1f} MiB")
-            stats.wait_seconds += waited
             t0 = time.perf_counter()
-            merged = merge_group(plan, gi, factors)
-            del factors
+            merged = merge_group(plan, loaded)
+            del loaded                 # its factors go before the next group is read: two groups at most
             t1 = time.perf_counter()
             for mm in merged:
                 emit(mm)
@@ -73,6 +72,7 @@ def _run_groups(plan: MergePlan, order: list[int], ranks: Ranks, progress, prefe
     stats.bytes_read = reader.stats.bytes
     stats.read_seconds = reader.stats.seconds
     stats.load_seconds = reader.load_seconds
+    stats.wait_seconds = reader.wait_seconds
     stats.peak_rss_bytes = _peak_rss_bytes()
     return stats
 
