@@ -316,15 +316,50 @@ def test_merge_matches_merge_layer_per_module():
     assert sorted(got) == sorted({"model.layers.0.q", "model.layers.1.q", "model.layers.0.up",
                                   "model.layers.1.up", "model.emb"})
     for name, mm in got.items():
-        A, B, s, w = [], [], [], []
+        A, B, s, w, adapting = [], [], [], [], []
         for t, (sd, cfg) in enumerate(ads):
             f = _factors(sd, name)
             if f is not None:
                 A.append(f[0]), B.append(f[1]), s.append(_scale(cfg, f[0].shape[0])), w.append(weights[t])
+                adapting.append(t)
         ref = ctm_kernels.merge_layer(A, B, rank=5, method="ties", scales=s, weights=w, top_k=0.5)
-        assert len(A) == len(mm.info["adapters"])
         torch.testing.assert_close(mm.update(), ref.B @ ref.A, rtol=1e-5, atol=1e-6)
         assert mm.kind == ("embedding" if name == "model.emb" else "linear")
+        # what the merge did there: the engine's report, per adapter in the order of info.adapters
+        info = mm.info
+        assert info.adapters == tuple(adapting)
+        assert (info.iterations, info.converged, info.stopped_by) == (ref.info.iterations, ref.info.converged,
+                                                                        ref.info.stopped_by)
+        assert info.energy_kept == pytest.approx(ref.info.energy_kept, rel=1e-6)
+        assert info.share_after_rule == pytest.approx(ref.share_after_rule, rel=1e-5)
+        assert info.norms == pytest.approx(ref.info.norms, rel=1e-6)
+
+
+def test_module_info_as_a_user_reads_it(tmp_path):
+    import dataclasses
+
+    from ctm_kernels.io import ModuleInfo
+
+    ads = _adapters(seed=5)
+    kept = merge(ads, rank=4, method="mean")
+    written = merge(ads, rank=4, method="mean", output=tmp_path / "out")
+    for a, b in zip(kept.modules, written.modules):
+        assert isinstance(a.info, ModuleInfo) and a.info == b.info          # a written output's result has it too
+        plain = json.loads(json.dumps(dataclasses.asdict(a.info)))        # plain data, for a report
+        assert plain["adapters"] == list(a.info.adapters) and plain["iterations"] == a.info.iterations
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            a.info.iterations = 0
+    # mean merges a module adapted by k of 3 adapters with weights k / 3; the norms are the
+    # adapters' own (weight 1), and the result's energy_kept is the modules' weighted by norm^2
+    emb = next(mm.info for mm in kept.modules if mm.name == "model.emb")
+    assert emb.adapters == (1,)
+    A, B = _factors(ads[1][0], "model.emb")
+    assert emb.norms[0] == pytest.approx(_scale(ads[1][1], A.shape[0]) * torch.linalg.matrix_norm(B @ A).item(),
+                                         rel=1e-5)
+    for t in range(3):
+        parts = [(m.info.energy_kept[j], m.info.norms[j] ** 2) for m in kept.modules
+                 for j, i in enumerate(m.info.adapters) if i == t]
+        assert kept.energy_kept[t] == pytest.approx(sum(e * w for e, w in parts) / sum(w for _, w in parts))
 
 
 def test_merge_sum_full_rank_is_exact():
@@ -468,7 +503,7 @@ def test_merge_group_whose_modules_converge_at_different_steps():
         A = [sd[f"{P}{mm.name}.lora_A.weight"] for sd, _ in ads]
         B = [sd[f"{P}{mm.name}.lora_B.weight"] for sd, _ in ads]
         ref = ctm_kernels.merge_layer(A, B, rank=6, method="ties", scales=[1.0, 1.0])
-        assert mm.info["iterations"] == ref.info.iterations
+        assert mm.info.iterations == ref.info.iterations
         torch.testing.assert_close(mm.update(), ref.B @ ref.A, rtol=1e-5, atol=1e-6)
 
 

@@ -14,7 +14,7 @@ from . import hub
 from .kohya import read_kohya, read_kohya_state_dict, kohya_tensors, kohya_name
 from .peft import (CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, merged_config, peft_tensors, read_peft,
                    read_peft_state_dict)
-from .adapter import Adapter, AdapterError, MergedModule, ModuleSpec
+from .adapter import Adapter, AdapterError, MergedModule, ModuleInfo, ModuleSpec
 from .safetensors_io import LazyTensor, write_safetensors
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -72,7 +72,7 @@ def _open_snapshot(folder: Path, source: str, repo: str) -> Adapter:
     return replace(ad, label=source, origin=f"{repo}@{folder.name}")
 
 
-__all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleSpec",
+__all__ = ["Adapter", "AdapterError", "LazyTensor", "MergedModule", "ModuleInfo", "ModuleSpec",
            "open_adapter", "read_peft", "read_peft_state_dict", "read_kohya", "read_kohya_state_dict",
            "peft_tensors", "kohya_tensors", "kohya_name", "merged_config",
            "write_safetensors", "PICKLE_NAMES"]

@@ -206,19 +206,47 @@ def check_factor_shapes(label: str, name: str, kind: str, a_key: str, b_key: str
 # merged output
 
 
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the merge did at one module (:attr:`MergedModule.info`; ``dataclasses.asdict`` makes
+    it plain data).
+
+    ``adapters``: the indices, among the merge's adapters, of the ``k`` adapters that adapt the
+    module (the others add nothing here); the three per-adapter tuples have one entry for each,
+    in that order. With ``t = adapters[j]``, ``dW_t = w_t s_t B_t A_t`` its weighted update
+    ``[m, n]`` and ``dW`` the merged one:
+
+    * ``energy_kept[j]``: ``||U^T dW_t V||_F^2 / ||dW_t||_F^2``, the share of ``dW_t`` that lies in
+      the merged subspaces ``U``, ``V`` (in [0, 1]);
+    * ``share_after_rule[j]``: ``<dW_t, dW> / ||dW_t||_F^2``, how much of ``dW_t`` the merged
+      update carries after the rule and the scale (1: at full strength);
+    * ``norms[j]``: ``||dW_t||_F``.
+
+    ``iterations``: the sweeps of the subspace search; ``stopped_by``: the test that ended it
+    (``"energy"``, ``"flat"``, ``"subspace"`` or ``"max_iter"``); ``converged``: whether a stop
+    test passed before ``max_iter``."""
+
+    adapters: tuple[int, ...]
+    iterations: int
+    converged: bool
+    stopped_by: str
+    energy_kept: tuple[float, ...]
+    share_after_rule: tuple[float, ...]
+    norms: tuple[float, ...]
+
+
 @dataclass
 class MergedModule:
     """One merged module, factors in the stored layout of its kind: ``A [rank, n]`` and
     ``B [m, rank]`` (conv: ``A [rank, in, *kernel]``, ``B [out, rank, 1, ...]``), update
-    ``B @ A`` at scaling 1 (written with ``lora_alpha = r``). ``info``: the engine's report
-    for this module (``iterations``, ``converged``, and per contributing adapter, listed by
-    index in ``adapters``: ``energy_kept`` and ``norms`` = ``||w_t s_t B_t A_t||_F``)."""
+    ``B @ A`` at scaling 1 (written with ``lora_alpha = r``). ``info``: what the merge did
+    there (:class:`ModuleInfo`; None only while the merge is still running)."""
 
     name: str
     kind: str
     A: torch.Tensor
     B: torch.Tensor
-    info: dict = field(default_factory=dict)
+    info: ModuleInfo | None = None
 
     @property
     def rank(self) -> int:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from ..engine import merge_checked_layers
-from ..io.adapter import MergedModule
+from ..io.adapter import MergedModule, ModuleInfo
 from .plan import MergePlan
 from .read import LoadedGroup
 
 
 def merge_group(plan: MergePlan, loaded: LoadedGroup) -> list[MergedModule]:
     """Merge one module group of ``plan`` from its factors (as :class:`.read.GroupReader` hands
-    them over); returns the merged modules (CPU, stored layout) with the engine's report.
+    them over); returns the merged modules (CPU, stored layout) with what the merge did at each.
 
     A module that only some adapters adapt gets a zero update from the others. For ``mean``
     that zero counts: the rule divides by every adapter given (``rules.rule_mean``), so a
@@ -43,8 +43,8 @@ def merge_group(plan: MergePlan, loaded: LoadedGroup) -> list[MergedModule]:
             A = A.reshape(A.shape[0], *spec.a_shape[1:])
             B = B.reshape(B.shape[0], B.shape[1], *spec.b_shape[2:])
         info = res.info
-        merged.append(MergedModule(e.name, spec.kind, A, B, {
-            "iterations": info.iterations, "converged": info.converged, "stopped_by": info.stopped_by,
-            "energy_kept": list(info.energy_kept), "share_after_rule": list(res.share_after_rule),
-            "norms": [nu / f for nu in info.norms], "adapters": [i for i, _ in e.specs]}))
+        merged.append(MergedModule(e.name, spec.kind, A, B, ModuleInfo(
+            adapters=tuple(i for i, _ in e.specs), iterations=info.iterations, converged=info.converged,
+            stopped_by=info.stopped_by, energy_kept=tuple(info.energy_kept),
+            share_after_rule=tuple(res.share_after_rule), norms=tuple(nu / f for nu in info.norms))))
     return merged

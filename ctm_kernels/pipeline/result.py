@@ -52,14 +52,16 @@ def _plural(n: int, word: str) -> str:
 class MergeResult:
     """A merged adapter: ``modules`` (factors per module), how it was made, and what it kept.
 
-    ``energy_kept[t]`` is the share of adapter t's update (its ``sum ||dW_t||_F^2`` over the
-    modules it adapts) that lies in the merged subspaces: per module the engine's
-    ``energy_kept``, aggregated weighted by ``||dW_t||_F^2``. ``share_after_rule[t]`` is what
-    survives the rule: ``sum <dW_t, dW> / sum ||dW_t||_F^2`` over those modules (1: the merged
-    update carries adapter t at full strength).
+    What the merge did at each module is ``modules[i].info``, a
+    :class:`~ctm_kernels.io.ModuleInfo` (sweeps, the stop test that ended them, and per adapter
+    the shares below). ``energy_kept[t]`` is the share of adapter t's update (its
+    ``sum ||dW_t||_F^2`` over the modules it adapts) that lies in the merged subspaces: per
+    module ``info.energy_kept``, aggregated weighted by ``||dW_t||_F^2``.
+    ``share_after_rule[t]`` is what survives the rule: ``sum <dW_t, dW> / sum ||dW_t||_F^2``
+    over those modules (1: the merged update carries adapter t at full strength).
 
     When the merge wrote its output (``output`` set), the modules' factors are meta tensors
-    (shapes and dtypes only): the data is in the written file."""
+    (shapes and dtypes only): the data is in the written file; their ``info`` is complete."""
 
     modules: list[MergedModule]
     rank: int | str
@@ -156,8 +158,8 @@ class MergeResult:
 
     def summary(self) -> str:
         """A few lines: inputs, modules, rank, time, convergence, per-adapter share kept."""
-        its = [mm.info.get("iterations", 0) for mm in self.modules]
-        unconverged = sum(1 for mm in self.modules if not mm.info.get("converged", True))
+        its = [mm.info.iterations for mm in self.modules]
+        unconverged = sum(1 for mm in self.modules if not mm.info.converged)
         params = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
         lines = [
             f"merged {_plural(len(self.adapters), 'adapter')} into {_plural(len(self.modules), 'module')} at rank "
@@ -185,22 +187,22 @@ class MergeResult:
         return "\n".join(lines)
 
     def stopped_by(self) -> dict:
-        """How many modules each stop test ended (``energy``, ``subspace``, ``max_iter``)."""
+        """How many modules each stop test ended (``energy``, ``flat``, ``subspace``, ``max_iter``)."""
         counts: dict = {}
         for mm in self.modules:
-            key = mm.info.get("stopped_by", "")
+            key = mm.info.stopped_by
             counts[key] = counts.get(key, 0) + 1
         return counts
 
     def report(self) -> dict:
         """The summary as plain data (what ``ctm merge --report`` writes)."""
-        its = [mm.info.get("iterations", 0) for mm in self.modules]
+        its = [mm.info.iterations for mm in self.modules]
         return {
             "adapters": list(self.adapters), "energy_kept": list(self.energy_kept),
             "share_after_rule": list(self.share_after_rule), "rank": self.rank,
             "method": self.method, "params": dict(self.params), "modules": len(self.modules),
             "iterations_mean": sum(its) / max(1, len(its)), "iterations_max": max(its, default=0),
-            "unconverged": sum(1 for mm in self.modules if not mm.info.get("converged", True)),
+            "unconverged": sum(1 for mm in self.modules if not mm.info.converged),
             "stopped_by": self.stopped_by(), "seconds": self.seconds, "output": None if self.output is None else str(self.output),
             "format": self.format, "stats": asdict(self.stats),
         }

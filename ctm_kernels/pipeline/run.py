@@ -28,7 +28,7 @@ def _skeleton(entry, dtype: torch.dtype) -> MergedModule:
     s = entry.first
     A = torch.empty((entry.rank, *s.a_shape[1:]), dtype=dtype, device="meta")
     B = torch.empty((s.b_shape[0], entry.rank, *s.b_shape[2:]), dtype=dtype, device="meta")
-    return MergedModule(entry.name, s.kind, A, B, {})
+    return MergedModule(entry.name, s.kind, A, B)
 
 
 def _run_groups(plan: MergePlan, order: list[int], ranks: Ranks, progress, prefetch: bool,
@@ -108,17 +108,15 @@ def execute(plan: MergePlan, *, progress=False, prefetch: bool = True, distribut
     total.write_seconds += sink.finish_seconds          # rank 0's copying in of the other ranks' parts
     result.stats = total
     T = len(plan.adapters)
-    kept_num, kept_den = [0.0] * T, [0.0] * T
+    energy, kept, share = [0.0] * T, [0.0] * T, [0.0] * T          # per adapter, sums over its modules
     for mm in result.modules:
-        for i, kept, nu in zip(mm.info["adapters"], mm.info["energy_kept"], mm.info["norms"]):
-            kept_num[i] += kept * nu * nu
-            kept_den[i] += nu * nu
-    result.energy_kept = [kept_num[i] / kept_den[i] if kept_den[i] > 0 else 0.0 for i in range(T)]
-    share_num = [0.0] * T
-    for mm in result.modules:
-        for i, share, nu in zip(mm.info["adapters"], mm.info["share_after_rule"], mm.info["norms"]):
-            share_num[i] += share * nu * nu
-    result.share_after_rule = [share_num[i] / kept_den[i] if kept_den[i] > 0 else 0.0 for i in range(T)]
+        info = mm.info
+        for i, kept_i, share_i, nu in zip(info.adapters, info.energy_kept, info.share_after_rule, info.norms):
+            energy[i] += nu * nu
+            kept[i] += kept_i * nu * nu
+            share[i] += share_i * nu * nu
+    result.energy_kept = [kept[i] / energy[i] if energy[i] > 0 else 0.0 for i in range(T)]
+    result.share_after_rule = [share[i] / energy[i] if energy[i] > 0 else 0.0 for i in range(T)]
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from ..io.adapter import MergedModule
+from ..io.adapter import MergedModule, ModuleInfo
 from ..io.formats import OutputFormat
 from ..io.safetensors_io import LazyTensor, SafetensorsStore, SafetensorsWriter, write_safetensors
 from .ranks import Ranks
@@ -80,13 +80,13 @@ class MemorySink:
 
 class FileSink:
     """The merged modules written into ``output`` as they come; the result keeps their
-    ``skeletons`` (meta tensors) with the engine's report. ``mine``: the names of the modules
+    ``skeletons`` (meta tensors) with their :class:`ModuleInfo`. ``mine``: the names of the modules
     this rank merges."""
 
     def __init__(self, output: OutputSpec, ranks: Ranks, skeletons: list[MergedModule], mine: list[str]):
         self.output, self.ranks, self.mine = output, ranks, mine
         self.skeletons = {mm.name: mm for mm in skeletons}
-        self.infos: dict[str, dict] = {}
+        self.infos: dict[str, ModuleInfo] = {}
         self.writer: SafetensorsWriter | None = None
         self.final: Path | None = None          # rank 0: the temporary weights file
         self.parts: str | None = None           # under torchrun: the folder of the other ranks' parts
@@ -122,13 +122,13 @@ class FileSink:
         for key, t in self.output.fmt.tensors([mm]).items():
             self._writer().write(key, t)
 
-    def part(self) -> dict[str, dict]:
-        """This rank's modules' reports, its part file complete."""
+    def part(self) -> dict[str, ModuleInfo]:
+        """What the merge did at this rank's modules, its part file complete."""
         if self.ranks.rank != 0:
             self._writer().close()
         return self.infos
 
-    def finish(self, stack: ExitStack, parts: list[dict[str, dict]]) -> dict[str, MergedModule]:
+    def finish(self, stack: ExitStack, parts: list[dict[str, ModuleInfo]]) -> dict[str, MergedModule]:
         """Rank 0 copies the other ranks' parts and the inputs' base tensors in and puts the
         output in place (closing ``stack``); every rank returns once it is there."""
         out = self.output
