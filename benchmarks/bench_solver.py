@@ -227,8 +227,8 @@ def run_case(kind, m, T, a):
 
     # second order: RTR after a few plain sweeps, checked against the fixed point, then timed
     def second_order(after):
-        U = engine._hosvd(P, side_a.blocks, c, RANK, engine.DEFAULT_SOLVER)
-        V = engine._hosvd(Q, side_b.blocks, c, RANK, engine.DEFAULT_SOLVER)
+        U = engine._hosvd(side_b, side_a.blocks, c, RANK, engine.DEFAULT_SOLVER)
+        V = engine._hosvd(side_a, side_b.blocks, c, RANK, engine.DEFAULT_SOLVER)
         U, V = hooi_sweeps(P, Pc, Q, Qc, T, U, V, after)
         return rtr(problem, U, V)
 

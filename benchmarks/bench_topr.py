@@ -62,8 +62,8 @@ def half_step_case(kind, m, T, r=16):
     sb, sa = side(Bh), side(Ah.mT)
     nu = (sb.blocks * sa.blocks).sum((-2, -1)).sqrt()
     c = subspace_weights(nu[0], 0.0)[None]
-    U = engine._hosvd(sb.Rf, sa.blocks, c, r, engine.DEFAULT_SOLVER)
-    V = engine._hosvd(sa.Rf, sb.blocks, c, r, engine.DEFAULT_SOLVER)
+    U = engine._hosvd(sb, sa.blocks, c, r, engine.DEFAULT_SOLVER)
+    V = engine._hosvd(sa, sb.blocks, c, r, engine.DEFAULT_SOLVER)
     cc = c.repeat_interleave(r, dim=1)[:, None, :]
     Z = engine.half_step_images(sb.Rf, sa.Rf * cc, V, T).dense()
     return Z, U

@@ -6,6 +6,7 @@ import torch
 
 from ctm_kernels import engine
 from ctm_kernels.ops import topr
+from ctm_kernels.ops.gram import gram_rows
 
 from adapters import relerr
 
@@ -109,7 +110,11 @@ def test_gram_root_is_a_square_root_and_inverts_on_the_kept_directions(kind, mon
     Rf, W = engine._gram_root(G, engine.WHITEN_RTOL[torch.float64])
     assert calls == ([1] if kind == "duplicate" else [])
     assert torch.allclose(Rf.mT @ Rf, G, rtol=0, atol=1e-12 * G.abs().max())
-    O = F @ W                               # orthonormal on the kept directions, zero elsewhere
+    R = F.shape[-1]
+    Wm = W @ torch.eye(R, dtype=F.dtype).expand(2, R, R)     # W is applied, never formed: form it here
+    X = torch.randn(2, R, 3, generator=g, dtype=torch.float64)
+    assert torch.allclose(W.t_matmul(X), Wm.mT @ X, atol=1e-12 * float(Wm.abs().max()))
+    O = F @ Wm                              # orthonormal on the kept directions, zero elsewhere
     live = O.norm(dim=-2) > 0.5
     assert int(live.sum()) == {"full": 24, "padded": 22, "duplicate": 23}[kind]
     eye = torch.diag_embed(live.double())
@@ -256,7 +261,7 @@ def test_gram_by_block_rows_is_the_full_product(k, p, dtype, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty",
                         lambda self, *size, **kw: torch.full(size, float("nan"), dtype=self.dtype))
     want = Z.double() @ Z.double().mT
-    got = topr.gram_rows(Z)
+    got = gram_rows(Z)
     assert torch.isfinite(got).all() and torch.equal(got, got.mT)
     tol = 1e-14 if dtype == torch.float64 else 1e-6
     assert float((got.double() - want).norm() / want.norm()) < tol
@@ -406,3 +411,30 @@ def test_block_step_on_block_images_is_the_formed_step():
         th0, Q1, deg0 = topr.block_step(op.dense(), Q0, 6, budget=budget)
         assert torch.equal(deg, deg0) and relerr(th, th0) <= 1e-12
         assert relerr(Q[..., :6] @ Q[..., :6].mT, Q1[..., :6] @ Q1[..., :6].mT) <= 1e-10
+
+
+@pytest.mark.parametrize("T,rb,r", [(1, 3, 2), (4, 5, 6), (7, 8, 16), (2, 3, 8)], ids=lambda v: str(v))
+def test_hosvd_from_the_gram_is_the_formed_hosvd(T, rb, r, monkeypatch):
+    """The HOSVD start from ``Z^T Z = S G S`` (the side's Gram, Cholesky whitening, dense solve)
+    against the top-r eigenvectors of ``Z Z^T`` with ``Z`` formed: the same subspace (by
+    projectors), the same null columns where the layer spans fewer than r directions (T = 2,
+    rb = 3, r = 8)."""
+    g = torch.Generator().manual_seed(T * 10 + rb)
+    L, m, R = 2, 80, T * rb
+    F = torch.randn(L, m, R, generator=g, dtype=torch.float64) * torch.logspace(0, -2, R, dtype=torch.float64)
+    side = engine._whiten_inner(gram_rows(F.mT), T, engine.WHITEN_RTOL[torch.float64])
+    other = torch.randn(L, T, rb, rb + 2, generator=g, dtype=torch.float64)
+    blocks_other = other @ other.mT                                   # [L, T, rb, rb], positive definite
+    c = torch.rand(L, T, generator=g, dtype=torch.float64) + 0.5
+    used = []
+    from_gram = engine._hosvd_from_gram
+    monkeypatch.setattr(engine, "_hosvd_from_gram", lambda *a: used.append(1) or from_gram(*a))
+    U = engine._hosvd(side, blocks_other, c, r, engine.DEFAULT_SOLVER)
+    assert used == [1]
+    lam, Q = torch.linalg.eigh(blocks_other)
+    root = (Q * lam.sqrt()[..., None, :]) @ Q.mT * c[:, :, None, None]
+    Z = torch.cat([side.Rf[:, :, t * rb:(t + 1) * rb] @ root[:, t] for t in range(T)], -1)
+    w, V = torch.linalg.eigh(Z @ Z.mT)
+    V = V.flip(-1)[..., :r] * (w.flip(-1)[:, :r] > 1e-12 * w[:, -1:])[:, None, :]
+    assert torch.equal(U.norm(dim=-2) > 0.5, V.norm(dim=-2) > 0.5)
+    assert relerr(U @ U.mT, V @ V.mT) <= 1e-10

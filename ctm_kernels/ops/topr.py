@@ -25,6 +25,7 @@ import torch
 
 from ._common import check, check_tensor
 from .eig import topk_eigh
+from .gram import gram_rows
 
 # Block of the factored solver: r + GUARD vectors, Krylov depth DEPTH per step. Measured on
 # the half-steps of a structured 2048^2, T = 128, r = 16 merge (k = p = 2048, float64, gap
@@ -64,37 +65,6 @@ def factored_step_seconds(k, p, b, depth, dtype):
     ``Z`` or ``Z^T`` with ``b`` columns, and the block Gram-Schmidt of ``[k, (depth + 1) b]``)."""
     width = (depth + 1) * b
     return (2 * depth * b * 2 * k * p + 4 * k * width * width) / _rate(NARROW_FLOPS, dtype)
-
-
-# Z Z^T by block rows up to the diagonal (the rest mirrored): 5/8 of the products with 4
-# blocks. Measured, 2 threads (fp64 / fp32): k = p = 512 2.3 -> 1.4 / 0.9 -> 0.8 ms,
-# k = 1024, p = 4096 50.5 -> 36.5 / 26.6 -> 18.8 ms, k = 2048, p = 8192 405 -> 276 / 207 ->
-# 141 ms; exactly the full product at p = k, within 3e-16 / 2e-7 (relative) at p = 4 k.
-GRAM_BLOCKS = 4
-GRAM_BLOCKS_MIN_K = 512
-
-
-def gram_rows(Z):
-    """``Z Z^T`` ``[L, k, k]`` for ``Z [L, k, p]``, by ``GRAM_BLOCKS`` block rows from
-    ``GRAM_BLOCKS_MIN_K`` on (each block row multiplied only up to the diagonal, the upper part
-    mirrored). Exactly symmetric: a diagonal block's upper triangle is its lower one mirrored
-    (MKL's AVX-512 kernels do not return ``X X^T`` bit-symmetric; the AVX2 ones did)."""
-    L, k, _ = Z.shape
-    if k < GRAM_BLOCKS_MIN_K:
-        return _mirror_lower(Z @ Z.mT)
-    b = -(-k // GRAM_BLOCKS)
-    M = Z.new_empty(L, k, k)
-    for i in range(0, k, b):
-        e = min(i + b, k)
-        M[:, i:e, :e] = Z[:, i:e] @ Z[:, :e].mT
-        M[:, :i, i:e] = M[:, i:e, :i].mT
-        M[:, i:e, i:e] = _mirror_lower(M[:, i:e, i:e])
-    return M
-
-
-def _mirror_lower(M):
-    """``M [..., k, k]`` with its strict upper triangle replaced by the lower one, mirrored."""
-    return M.tril() + M.tril(-1).mT
 
 
 def top_r_dense(Z, r):
