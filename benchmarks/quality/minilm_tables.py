@@ -15,10 +15,14 @@ Writes ``benchmarks/results/quality_minilm[_paper][_quick].{json,md}``.
 The committed tables were made seed by seed, from one commit (each run writes
 ``benchmarks/results/quality_minilm_seeds/seed<k>_project.json`` as it goes), then summarised::
 
-    python -m benchmarks.quality.minilm_tables --seeds 0 --only-seeds    # and 1, 2 (one process each)
+    python -m benchmarks.quality.minilm_tables --seeds 0 --only-seeds    # and 1 (one process each)
+    python -m benchmarks.quality.minilm_tables --seeds 2 --only-seeds --rules tsv iso_c
+    python -m benchmarks.quality.minilm_tables --seeds 2 --only-seeds --extend --rules sum ties dare_ties
     python -m benchmarks.quality.minilm_tables --reuse
 
-``--extend`` merges a seed again with other ranks or methods and adds the rows to its file.
+``--extend`` merges a seed again with other ranks, rules or methods and adds the rows to its file
+(the lambda search starts afresh for every rank and rule, so splitting a seed by rules gives the
+rows one run would; start the extending run once the first has written a row and let it end last).
 
 The lambda search climbs the grid (``minilm.Evaluator.val_scores``) from the best lambda of
 the previous method with the same rule (the grid's middle for the first): a merged-model
