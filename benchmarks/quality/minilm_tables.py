@@ -4,20 +4,25 @@ full-parameter merging, over the committed training seeds.
 ``python -m benchmarks.quality.minilm_tables [--seeds 0 1 2] [--quick] [--protocol paper]``
 (from the repository root; needs ``pip install -e '.[quality]'``) loads each committed seed of
 the zoo (``zoo_minilm/seed<k>/``), checks that its adapters still score what the manifest says,
-merges the 36 adapted modules with CtM (the engine, beta 0), MtC, core-space MtC (ranks 16 and
-32) and full-parameter merging, for sum, TIES, DARE-TIES, TSV and Iso-C; chooses lambda (and
+merges the 36 adapted modules with CtM (the engine, beta 0 and beta 1), MtC, core-space MtC (ranks
+16 and 32) and full-parameter merging, for sum, TIES, DARE-TIES, TSV and Iso-C; chooses lambda (and
 top-K) on validation (mean normalised accuracy); reports normalised test accuracy (merged /
 the task's own adapter x 100) per task and on average, its mean and spread (max - min) over the
 seeds, the energy each method's rank-r result keeps of every adapter, and the adapters'
 spectra and overlap. Heads stay per task (only backbone updates merge).
 Writes ``benchmarks/results/quality_minilm[_paper][_quick].{json,md}``.
 
-The committed tables were made seed by seed (each run writes
+The committed tables were made seed by seed, from one commit (each run writes
 ``benchmarks/results/quality_minilm_seeds/seed<k>_project.json`` as it goes), then summarised::
 
-    python -m benchmarks.quality.minilm_tables --seeds 0 --only-seeds    # and 1, 2 (one process each)
-    python -m benchmarks.quality.minilm_tables --seeds 0 --only-seeds --extend --ranks 16 --methods ctm_b1
-    python -m benchmarks.quality.minilm_tables --reuse --methods ctm ctm_b1 mtc core_mtc full
+    python -m benchmarks.quality.minilm_tables --seeds 0 --only-seeds    # and 1 (one process each)
+    python -m benchmarks.quality.minilm_tables --seeds 2 --only-seeds --rules tsv iso_c
+    python -m benchmarks.quality.minilm_tables --seeds 2 --only-seeds --extend --rules sum ties dare_ties
+    python -m benchmarks.quality.minilm_tables --reuse
+
+``--extend`` merges a seed again with other ranks, rules or methods and adds the rows to its file
+(the lambda search starts afresh for every rank and rule, so splitting a seed by rules gives the
+rows one run would; start the extending run once the first has written a row and let it end last).
 
 The lambda search climbs the grid (``minilm.Evaluator.val_scores``) from the best lambda of
 the previous method with the same rule (the grid's middle for the first): a merged-model
@@ -47,7 +52,7 @@ from .tables import interference, spectrum_stats
 @dataclass
 class Config:
     ranks: tuple = (16, 32)
-    methods: tuple = ("ctm", "mtc", "core_mtc", "full")
+    methods: tuple = ("ctm", "ctm_b1", "mtc", "core_mtc", "full")
     rules: tuple = ("sum", "ties", "dare_ties", "tsv", "iso_c")
     lambdas: tuple = tuple(2.0 ** k for k in range(-3, 4))
     top_ks: tuple = (0.1, 0.3)
@@ -63,9 +68,11 @@ class Config:
 
 FULL = Config()
 QUICK = replace(FULL, ranks=(16,), methods=("ctm", "mtc"), rules=("sum", "ties"), lambdas=(0.125, 0.25, 0.5, 1.0),
-                top_ks=(0.3,), limit_val=25, limit_test=50, interference=False, result_energy=False)
+                top_ks=(0.3,), limit_val=25, limit_test=minilm.CHECK_TEST, interference=False,
+                result_energy=False)
 # The CtM paper's search: beta {0, .25, .5, .75} for CtM, lambda 0..2 step 0.025, top-K 5-100%, DARE p.
-PAPER = replace(FULL, lambdas=tuple(round(0.025 * k, 3) for k in range(1, 81)),
+PAPER = replace(FULL, methods=("ctm", "mtc", "core_mtc", "full"),
+                lambdas=tuple(round(0.025 * k, 3) for k in range(1, 81)),
                 top_ks=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), dare_ps=(0.1, 0.3, 0.5, 0.7),
                 betas=(0.0, 0.25, 0.5, 0.75), protocol="paper")
 
@@ -114,10 +121,14 @@ def kept_by_result(dense: torch.Tensor, merged: torch.Tensor, rank: int) -> list
     return energy_kept(dense, *singular_subspaces(merged, rank)).tolist()
 
 
-def check_manifest(zoo: minilm.Zoo, ev: minilm.Evaluator, quick: bool) -> list[dict]:
-    """Known answer: each adapter's accuracy on its own task, now, against the manifest's."""
+def check_manifest(zoo: minilm.Zoo, ev: minilm.Evaluator, limit_test: int | None) -> list[dict]:
+    """Known answer: each adapter's accuracy on its own task, now, against the manifest's (on the
+    whole test split, or on the first ``minilm.CHECK_TEST`` examples the manifest recorded)."""
     rows = []
-    key = "check" if quick else "individual"
+    if limit_test not in (None, zoo.manifest["check_test_examples"]):
+        raise ValueError(f"the manifest records accuracies on all test examples or the first "
+                         f"{zoo.manifest['check_test_examples']}, not {limit_test}")
+    key = "individual" if limit_test is None else "check"
     for i, task in enumerate(zoo.tasks):
         want = zoo.manifest["tasks"][task][f"{key}_test_acc"]
         rows.append({"task": task, "manifest": want, "measured": ev.individual["test"][i]})
@@ -131,8 +142,7 @@ def run_seed(seed: int, cfg: Config, tok, base, log=print, partial: Path | None 
     zoo = minilm.load_zoo(minilm.zoo_dir(seed))
     data = minilm.load_data(tok, zoo.config, {"train": 0, "val": cfg.limit_val, "test": cfg.limit_test})
     ev = minilm.Evaluator(zoo, base, data)
-    quick = cfg.limit_test is not None
-    checks = check_manifest(zoo, ev, quick)
+    checks = check_manifest(zoo, ev, cfg.limit_test)
     layers = layer_factors(zoo)
     merger = CachedMerger(layers)
     names = zoo.tasks
@@ -220,17 +230,20 @@ def summarise(outs: list[dict], cfg: Config) -> dict:
                              "lambdas": [g["lambda"] for g in got], "params": [g["params"] for g in got]})
             pick = lambda m: next(({s: v for s, v in zip(x["seeds"], x["per_seed"])} for x in rows
                                    if x["rank"] == rank and x["rule"] == rule and x["method"] == m), None)
-            ctm = pick("ctm")
-            if ctm is None:
+            if pick("ctm") is None:
                 continue
             row = {"rank": rank, "rule": rule}
-            for other_name in ("mtc", "core_mtc", "full"):
-                other = pick(other_name)
-                both = [s for s in ctm if other is not None and s in other]
-                if both:
-                    d = [ctm[s] - other[s] for s in both]
-                    row[other_name] = {"diff": d, "seeds": both, "mean": sum(d) / len(d),
-                                       "won": sum(x > 0 for x in d)}
+            # CtM (beta 0) against each baseline under the baseline's name; CtM with beta 1
+            # (where it ran) under "ctm_b1-<baseline>"
+            for name, prefix in (("ctm", ""), ("ctm_b1", "ctm_b1-")):
+                ctm = pick(name)
+                for other_name in ("mtc", "core_mtc", "full"):
+                    other = pick(other_name)
+                    both = [s for s in ctm or {} if other is not None and s in other]
+                    if both:
+                        d = [ctm[s] - other[s] for s in both]
+                        row[prefix + other_name] = {"diff": d, "seeds": both, "mean": sum(d) / len(d),
+                                                    "won": sum(x > 0 for x in d)}
             wins.append(row)
     return {"rows": rows, "wins": wins}
 
@@ -275,6 +288,8 @@ def to_markdown(outs, summary, cfg: Config, meta, seconds) -> str:
         lines += ["Full-parameter sum of the first k adapters at lambda 1 (mean normalised accuracy on their k "
                   "tasks), per seed: " + "; ".join(", ".join(f"k={k}: {v:.1f}" for k, v in o["interference"].items())
                                                    for o in outs), ""]
+    diff_names = {"mtc": "CtM - MtC", "core_mtc": "CtM - core MtC", "ctm_b1-mtc": "CtM beta 1 - MtC"}
+    diffs = [d for d in diff_names if d != "ctm_b1-mtc" or "ctm_b1" in cfg.methods]
     for rank in cfg.ranks:
         body = []
         for rule in cfg.rules:
@@ -285,13 +300,13 @@ def to_markdown(outs, summary, cfg: Config, meta, seconds) -> str:
                 few = "" if x is None or len(x["seeds"]) == n else f" (seeds {x['seeds']})"
                 cells.append(f"{x['mean']:.1f} ± {x['spread']:.1f}{few}" if x else "n/a")
             w = next((w for w in summary["wins"] if w["rank"] == rank and w["rule"] == rule), {})
-            for other in ("mtc", "core_mtc"):
+            for other in diffs:
                 cells.append(f"{w[other]['mean']:+.1f} ({w[other]['won']}/{len(w[other]['seeds'])})"
                              if other in w else "n/a")
             body.append([rule] + cells)
-        lines += [f"## Rank {rank}", "", "Average normalised accuracy:", "",
+        lines += [f"## Rank {rank}", "", "Average normalised accuracy (ctm: CtM with beta 0, ctm_b1: beta 1):", "",
                   markdown_table(["rule"] + [m + (" (no rank limit)" if m == "full" else "") for m in cfg.methods] +
-                                 ["CtM - MtC (seeds won)", "CtM - core MtC (seeds won)"], body), ""]
+                                 [diff_names[d] + " (seeds won)" for d in diffs], body), ""]
         per_task, energy = [], []
         for x in summary["rows"]:
             if x["rank"] != rank:
@@ -344,8 +359,8 @@ def main(argv=None) -> dict:
         if getattr(args, name):
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})
     if args.quick and args.protocol == "paper":
-        cfg = replace(PAPER, ranks=QUICK.ranks, methods=QUICK.methods, rules=QUICK.rules, limit_val=25,
-                      limit_test=50, interference=False, top_ks=(0.3,), betas=(0.0, 0.5))
+        cfg = replace(PAPER, ranks=QUICK.ranks, methods=QUICK.methods, rules=QUICK.rules, limit_val=QUICK.limit_val,
+                      limit_test=QUICK.limit_test, interference=False, top_ks=(0.3,), betas=(0.0, 0.5))
     seeds = args.seeds or ([0] if args.quick else sorted(
         int(p.name[4:]) for p in minilm.ZOO_ROOT.glob("seed*") if (p / "manifest.json").is_file()))
     t0 = time.perf_counter()
@@ -386,7 +401,8 @@ def main(argv=None) -> dict:
     print(f"wrote {args.out / stem}.json and .md ({seconds:.0f} s)")
     for w in summary["wins"]:
         print(f"rank {w['rank']} {w['rule']}: " + ", ".join(
-            f"CtM - {k} {v['mean']:+.1f} ({v['won']}/{len(outs)})" for k, v in w.items() if isinstance(v, dict)))
+            f"CtM{' beta 1' if k.startswith('ctm_b1-') else ''} - {k.removeprefix('ctm_b1-')} {v['mean']:+.1f} "
+            f"({v['won']}/{len(v['seeds'])})" for k, v in w.items() if isinstance(v, dict)))
     return {"outs": outs, "summary": summary, "seconds": seconds}
 
 
