@@ -180,7 +180,7 @@ class LayerInfo:
     energy_kept: list[float]               # per adapter: ||U^T dW_t V||^2 / ||dW_t||^2
     norms: list[float]                     # per adapter: ||dW_t||_F
     seconds: float = 0.0
-    stopped_by: str = ""                   # the test that ended the solve: "energy", "subspace" or "max_iter"
+    stopped_by: str = ""                   # the test that ended the solve: "energy", "flat", "subspace" or "max_iter"
     objective: float = math.nan            # sum_t c_t^2 ||U^T dW_t V||^2 (what HOOI maximises)
 
 
