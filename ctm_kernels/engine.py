@@ -349,6 +349,11 @@ class _RootInverse:
         self.upper, self.live = upper, live            # [L, R, R] upper triangular, [L, R]
         self.bad, self.W_bad = None, None
 
+    @property
+    def all_cholesky(self) -> bool:
+        """Whether every layer took the Cholesky route (``Rf^T Rf`` is then the Gram itself)."""
+        return self.bad is None
+
     def by_eigh(self, bad, W_bad):
         """Layers ``bad`` take the eigendecomposition route's ``W_bad [len(bad), R, R]``."""
         self.bad, self.W_bad = bad, W_bad
@@ -477,7 +482,7 @@ def _hosvd(side, blocks_other, c, rank, settings, block=False):
     lam, Q = torch.linalg.eigh(blocks_other)                     # [L, T, rb], [L, T, rb, rb]
     root = (Q * lam.clamp(min=0).sqrt()[..., None, :]) @ Q.mT * c[:, :, None, None]
     L, k, R = side.Rf.shape
-    cholesky = isinstance(side.W, _RootInverse) and side.W.bad is None
+    cholesky = isinstance(side.W, _RootInverse) and side.W.all_cholesky
     if side.G is not None and cholesky and not _goes_factored(k, R, rank, side.Rf.dtype, settings,
                                                               settings.cold_steps)[0]:
         U = _hosvd_from_gram(side, root, rank)
@@ -494,13 +499,13 @@ def _hosvd_from_gram(side, root, rank):
     ``Z^T Z = S G S`` (``G = Rf^T Rf [L, R, R]``)."""
     L, T, rb, _ = root.shape
     R = T * rb
-    SG = (root @ side.G.reshape(L, T, rb, R)).reshape(L, R, R)                            # S G
+    SG = topr_op.block_diagonal_mul(root, side.G)                                         # S G
+    # (S G) S: the blocks of S applied to the column blocks of S G
     N = (SG.reshape(L, R, T, rb).permute(0, 2, 1, 3) @ root).permute(0, 2, 1, 3).reshape(L, R, R)
     w, Y = eig_op.topk_eigh((N + N.mT) / 2, min(rank, R))                                # descending
     live = w > NULL_RTOL * w[:, :1].clamp(min=0)
     inv = torch.where(live, w.clamp(min=torch.finfo(w.dtype).tiny).rsqrt(), 0.0)
-    SY = (root @ Y.reshape(L, T, rb, -1)).reshape(L, R, -1)
-    return (side.Rf @ SY) * inv[:, None, :]
+    return (side.Rf @ topr_op.block_diagonal_mul(root, Y)) * inv[:, None, :]
 
 
 def _orthonormal(X):

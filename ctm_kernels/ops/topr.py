@@ -253,6 +253,13 @@ def t_mul(Z, X):
     return (X.mT @ Z).mT
 
 
+def block_diagonal_mul(D, X):
+    """``blockdiag(D_1, ..., D_T) X`` ``[L, T a, b]`` for the blocks ``D [L, T, a, c]`` and
+    ``X [L, T c, b]``, without the ``T a x T c`` matrix."""
+    L, T, a, c = D.shape
+    return (D @ X.reshape(L, T, c, -1)).reshape(L, T * a, -1)
+
+
 class BlockImages:
     """The half-step images ``Z = [Rx_1 Y_1, ..., Rx_T Y_T]`` ``[L, k, T p]`` kept as their
     factors ``Rx [L, k, R]`` (``T`` blocks of ``rb = R / T`` columns) and ``Y [L, T, rb, p]``.
@@ -273,13 +280,11 @@ class BlockImages:
 
     def __matmul__(self, W):
         """``Z W`` ``[L, k, b]`` for ``W [L, T p, b]``: ``Rx [Y_t W_t]_t``."""
-        L, T, rb, p = self.Y.shape
-        return self.Rx @ (self.Y @ W.reshape(L, T, p, -1)).reshape(L, T * rb, -1)
+        return self.Rx @ block_diagonal_mul(self.Y, W)
 
     def t_mul(self, X):
         """``Z^T X`` ``[L, T p, b]`` for ``X [L, k, b]``: ``[Y_t^T (Rx_t^T X)]_t``."""
-        L, T, rb, p = self.Y.shape
-        return (self.Y.mT @ t_mul(self.Rx, X).reshape(L, T, rb, -1)).reshape(L, T * p, -1)
+        return block_diagonal_mul(self.Y.mT, t_mul(self.Rx, X))
 
     def __getitem__(self, idx):
         return BlockImages(self.Rx[idx], self.Y[idx])
